@@ -1,0 +1,70 @@
+# cam-plugin — the two commands of the README do all the set-up on a fresh machine:
+#   make demo   installs what the demo needs, then explains the bundled photos
+#   make test   installs everything, then runs ruff, mypy, pytest and mkdocs --strict
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CACHE ?= $(HOME)/.cache/cam-plugin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q
+export NO_MKDOCS_2_WARNING := 1
+export MPLBACKEND := Agg
+export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD := 1
+
+.PHONY: help demo test lint typecheck pytest docs bench bench-wsol compare wheel clean
+
+help:
+	@echo "make demo    - install (torch CPU, timm, demo data) and write CAM pictures to outputs/"
+	@echo "make test    - install everything, then ruff, mypy, pytest, mkdocs build --strict"
+	@echo "make bench / bench-wsol / compare - benchmarks (see docs/)"
+
+# -- environments -------------------------------------------------------------------------
+# base: venv + the pinned CPU torch + torchvision with the CPU shim (../shared/ENVIRONMENT.md)
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0 numpy
+	$(PIP) torchvision==0.28.0
+	$(BIN)/python tools/install_torchvision_shim.py
+	touch $@
+
+# demo: only what the demo needs
+$(VENV)/.demo: $(VENV)/.base pyproject.toml
+	$(PIP) -e ".[demo]"
+	touch $@
+
+# test: everything, including the OpenMMLab stack (full mmcv is built once into $(CACHE))
+$(VENV)/.test: $(VENV)/.demo pyproject.toml
+	$(PIP) -e ".[timm,demo,captum,docs,test]"
+	$(PIP) onnx onnxruntime onnxscript torchcam grad-cam
+	$(PIP) addict pyyaml rich termcolor yapf opencv-python-headless einops importlib-metadata \
+	    mat4py modelindex pycocotools scipy shapely six terminaltables
+	tools/build_mmcv_wheel.sh $(CACHE)
+	$(PIP) --no-deps mmengine==0.10.7 $$(ls $(CACHE)/wheels/mmcv-2.1.0-*.whl) mmpretrain==1.2.0 mmdet==3.3.0
+	touch $@
+
+# -- the README's two commands -------------------------------------------------------------
+demo: $(VENV)/.demo
+	$(BIN)/cam-plugin explain --out outputs
+
+test: $(VENV)/.test
+	$(MAKE) lint typecheck pytest docs
+
+lint:
+	$(BIN)/ruff check cam_plugin integrations tests benchmarks tools
+	$(BIN)/ruff format --check cam_plugin integrations tests benchmarks tools
+
+typecheck:
+	$(BIN)/mypy cam_plugin integrations
+
+pytest:
+	$(BIN)/pytest -q
+
+docs:
+	$(BIN)/mkdocs build --strict -q
+
+wheel: $(VENV)/.test
+	$(BIN)/python -m build --wheel --outdir dist .
+
+clean:
+	rm -rf $(VENV) site dist build outputs *.egg-info

@@ -1,0 +1,296 @@
+"""``CAM``: one forward pass of the user's model -> class activation maps.
+
+For captured features ``f`` (B, K, h, w) and the folded head ``W'``, ``b'``
+(:mod:`cam_plugin.heads`), the map of class ``c`` is
+
+    M_c(x, y) = Σ_k W'_ck f_k(x, y)          (one batched matmul / einsum)
+
+and ``mean_xy M_c + b'_c`` equals the model's logit ``S_c`` (checked on every call
+unless ``verify=False``). No backward pass is needed; tensors stay on the model's
+device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import Adapter
+from .errors import CAMInputError, UnsupportedHeadError
+from .hooks import FeatureCapture
+from .registry import resolve
+from .result import CAMResult
+
+__all__ = ["CAM", "Targets", "parse_targets"]
+
+Targets = Union[None, int, str, Tensor, Sequence[int], Sequence[Sequence[int]]]
+
+
+def _check_class(values: Tensor, num_classes: int, what: str) -> None:
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_classes):
+        bad = values[(values < 0) | (values >= num_classes)][0].item()
+        raise CAMInputError(
+            f"{what} {bad} is out of range: the model has {num_classes} classes "
+            f"(valid: 0..{num_classes - 1})"
+        )
+
+
+def parse_targets(
+    targets: Targets, logits: Tensor, topk: int = 1
+) -> Optional[Tensor]:
+    """Turn the ``targets`` argument into a ``(B, k)`` long tensor (``-1`` = padding).
+
+    ``None`` -> the ``topk`` highest logits of each image; ``"all"`` -> ``None`` (every
+    class, one einsum); an int -> that class for every image; one int per image; a list
+    of class lists per image (multi-label, ragged lists are padded with ``-1``); a
+    ``(B,)`` or ``(B, k)`` integer tensor.
+    """
+    batch, num_classes = logits.shape
+    device = logits.device
+    if targets is None:
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes:
+            raise CAMInputError(f"topk must be an int in 1..{num_classes}, got {topk!r}")
+        return logits.topk(topk, dim=1).indices
+    if isinstance(targets, str):
+        if targets != "all":
+            raise CAMInputError(
+                f"targets={targets!r}: the only string accepted is 'all' (every class)"
+            )
+        return None
+    if isinstance(targets, bool):
+        raise CAMInputError("targets must be class indices, not a bool")
+    if isinstance(targets, int):
+        _check_class(torch.tensor([targets]), num_classes, "target")
+        return torch.full((batch, 1), targets, dtype=torch.long, device=device)
+    if isinstance(targets, Tensor):
+        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+            raise CAMInputError(
+                f"target tensor must hold integer class indices, got dtype {targets.dtype}"
+            )
+        t = targets.to(device=device, dtype=torch.long)
+        if t.dim() == 0:
+            t = t.expand(batch).reshape(batch, 1)
+        elif t.dim() == 1:
+            t = t.reshape(-1, 1)
+        elif t.dim() != 2:
+            raise CAMInputError(f"target tensor must be (B,) or (B, k), got {tuple(t.shape)}")
+        if t.shape[0] != batch:
+            raise CAMInputError(
+                f"targets has {t.shape[0]} entries but the batch has {batch} images; give "
+                "one target (or one list of targets) per image"
+            )
+        _check_class(t, num_classes, "target")
+        return t
+    if isinstance(targets, Sequence):
+        items = list(targets)
+        if len(items) != batch:
+            raise CAMInputError(
+                f"targets has {len(items)} entries but the batch has {batch} images; give "
+                "one target (or one list of targets) per image"
+            )
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+            t = torch.tensor(items, dtype=torch.long).reshape(batch, 1)
+        else:
+            rows: list[list[int]] = []
+            for i, v in enumerate(items):
+                if isinstance(v, int) and not isinstance(v, bool):
+                    rows.append([v])
+                elif isinstance(v, (Sequence, Tensor)) and not isinstance(v, str):
+                    row = [int(c) for c in (v.tolist() if isinstance(v, Tensor) else v)]
+                    if not row:
+                        raise CAMInputError(f"targets[{i}] is empty: give at least one class")
+                    rows.append(row)
+                else:
+                    raise CAMInputError(
+                        f"targets[{i}] is {type(v).__name__}; expected an int or a list of ints"
+                    )
+            width = max(len(r) for r in rows)
+            t = torch.full((batch, width), -1, dtype=torch.long)
+            for i, row in enumerate(rows):
+                t[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            _check_class(t[t >= 0], num_classes, "target")
+            return t.to(device)
+        _check_class(t, num_classes, "target")
+        return t.to(device)
+    raise CAMInputError(
+        f"targets must be None, 'all', an int, a list or a tensor; got {type(targets).__name__}"
+    )
+
+
+class CAM:
+    """Class Activation Mapping for a model whose head is affine after a global average pool.
+
+    Args:
+        model: the classifier (timm, torchvision, mmpretrain, converted, or any model the
+            registry or the generic probe resolves).
+        adapter: skip resolution and use this adapter.
+        input_size: ``(C, H, W)`` for the generic probe when the model does not say.
+        allow_train: allow a model in train mode (for training-time use). The identity then
+            holds only if the head has no BatchNorm / Dropout (maps use the eval-mode fold).
+        differentiable: keep autograd on (when it is enabled by the caller) so the maps can
+            feed a loss; otherwise the forward runs under ``torch.no_grad()``.
+        verify: check ``mean_xy M_c + b_c == logit_c`` (via the pooled features) on every
+            call and raise if the fold no longer matches the model.
+        check_finite: reject inputs with NaN / inf.
+
+    Use it as a context manager or call it directly; either way the forward hook lives only
+    during each call and is removed even when the forward raises::
+
+        with CAM(model) as cam:
+            res = cam(images, topk=1)
+        boxes = res.upsample().normalize().boxes(0.2)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        adapter: Optional[Adapter] = None,
+        input_size: Optional[Sequence[int]] = None,
+        allow_train: bool = False,
+        differentiable: bool = False,
+        verify: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"CAM needs a torch.nn.Module, got {type(model).__name__}; pass the model object"
+            )
+        if adapter is not None and not isinstance(adapter, Adapter):
+            raise TypeError(f"adapter must be a cam_plugin.Adapter, got {type(adapter).__name__}")
+        self.model = model
+        self.adapter = adapter if adapter is not None else resolve(model, input_size=input_size)
+        self.allow_train = allow_train
+        self.differentiable = differentiable
+        self.verify = verify
+        self.check_finite = check_finite
+        self._capture: Optional[FeatureCapture] = None
+
+    def __enter__(self) -> CAM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove anything installed (nothing outlives a call; kept for symmetry)."""
+        if self._capture is not None:
+            self._capture.remove()
+            self._capture = None
+
+    def __repr__(self) -> str:
+        return f"CAM({self.adapter.name})"
+
+    # -- input checks -------------------------------------------------------------------
+    def _check_images(self, images: Any) -> Tensor:
+        if not isinstance(images, Tensor):
+            raise TypeError(
+                f"images must be a torch.Tensor of shape (B, C, H, W), got "
+                f"{type(images).__name__}"
+            )
+        if images.dim() != 4:
+            hint = " (one image? use images.unsqueeze(0))" if images.dim() == 3 else ""
+            raise CAMInputError(
+                f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}{hint}"
+            )
+        if images.shape[0] == 0:
+            raise CAMInputError("images is an empty batch (B = 0); give at least one image")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be a floating-point tensor (normalized as the model expects), "
+                f"got dtype {images.dtype}"
+            )
+        expected = self.adapter.input_size[0] if self.adapter.input_size else None
+        if expected is not None and images.shape[1] != expected:
+            raise CAMInputError(
+                f"images have {images.shape[1]} channels but the model expects {expected}"
+            )
+        if self.check_finite and not bool(torch.isfinite(images).all()):
+            raise CAMInputError("images contain NaN or inf values; clean the input first")
+        return images
+
+    def _check_mode(self) -> None:
+        if self.allow_train:
+            return
+        training = [n for n, m in self.adapter.head_modules if m.training]
+        if self.model.training or training:
+            raise CAMInputError(
+                "the model is in train mode: BatchNorm uses batch statistics and dropout is "
+                "random, so CAM is not exact. Call model.eval() first, or pass "
+                "CAM(model, allow_train=True) for training-time use"
+            )
+
+    # -- the one data path ---------------------------------------------------------------
+    def __call__(
+        self, images: Tensor, targets: Targets = None, topk: int = 1
+    ) -> CAMResult:
+        """Run the model once and return the maps of the requested classes.
+
+        Args:
+            images: ``(B, C, H, W)`` float tensor, preprocessed as the model expects.
+            targets: ``None`` (top-``topk`` predicted classes), an int, one int per image,
+                a list of class lists per image (multi-label), a ``(B,)``/``(B, k)`` tensor,
+                or ``"all"`` (every class in one einsum).
+            topk: how many top classes when ``targets is None``.
+        """
+        images = self._check_images(images)
+        self._check_mode()
+        adapter = self.adapter
+        grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
+        capture = FeatureCapture(adapter.feature_module, adapter.capture, detach=not self.differentiable)
+        self._capture = capture
+        try:
+            with grad_ctx:
+                with capture:
+                    output = self.model(images)
+                    captured = capture.value
+                if captured is None:
+                    raise CAMInputError(
+                        f"the feature module '{adapter.feature_name or adapter.name}' was not "
+                        "called during the forward pass (or gave no tensor); is the adapter "
+                        "for this model?"
+                    )
+                logits = adapter.logits_from_output(output)
+                hw = (int(images.shape[-2]), int(images.shape[-1]))
+                features = adapter.features(captured, hw)
+                head = adapter.fold(features.shape[1])
+                classes = parse_targets(targets, logits, topk)
+                maps = head.maps(features, classes)
+                if self.verify and adapter.exact and not self.model.training:
+                    self._verify(adapter, head, features, logits)
+        finally:
+            capture.remove()
+            self._capture = None
+        num_classes = logits.shape[1]
+        if classes is None:
+            classes = torch.arange(num_classes, device=logits.device).expand(logits.shape[0], -1)
+        bias = head.class_bias(classes.clamp_min(0)).to(maps.dtype)
+        if bool((classes < 0).any()):
+            keep = (classes >= 0)
+            maps = maps * keep[:, :, None, None]
+            bias = bias * keep
+        return CAMResult(
+            maps=maps,
+            logits=logits,
+            classes=classes,
+            bias=bias,
+            input_size=hw,
+            exact=adapter.exact,
+        )
+
+    @staticmethod
+    def _verify(adapter: Adapter, head: Any, features: Tensor, logits: Tensor) -> None:
+        predicted = head.logits(features)
+        scale = max(1.0, float(logits.detach().abs().max()))
+        err = float((predicted.detach().float() - logits.detach().float()).abs().max())
+        if err > 1e-3 * scale:
+            raise UnsupportedHeadError(
+                f"the folded head of '{adapter.name}' reproduces the model's logits only to "
+                f"{err:.3g} (scale {scale:.3g}): the model changed since the adapter was "
+                "resolved, or its pooling is not global at this input size. Resolve again, "
+                "or pass verify=False to skip this check"
+            )
