@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from cam_plugin.localize import normalize_maps
+from cam_plugin.result import minmax_normalize
 
 __all__ = ["brightness_baseline_maps", "centered_gaussian_maps"]
 
@@ -32,7 +32,7 @@ def brightness_baseline_maps(images: Tensor) -> Tensor:
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point, got {images.dtype}; use images.float().")
     gray = images.mean(dim=1) if images.dim() == 4 else images
-    return normalize_maps(gray)
+    return minmax_normalize(gray)
 
 
 def centered_gaussian_maps(

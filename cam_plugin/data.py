@@ -119,6 +119,8 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
     """
 
     classes: tuple[str, ...] = tuple(str(i) for i in range(10))
+    _crop_lo = 0.5
+    _crop_hi = 0.8
 
     def __init__(
         self,
@@ -128,9 +130,10 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
         canvas_size: int = 64,
         digit_size: tuple[int, int] = (20, 36),
         digits_per_image: int = 1,
-        num_fragments: int = 3,
-        num_strokes: int = 2,
+        num_fragments: int = 4,
+        num_strokes: int = 3,
         noise_std: float = 0.05,
+        touch_prob: float = 0.5,
         seed: int = 0,
         test_fraction: float = 0.3,
         transform: Callable[[Tensor], Tensor] | None = None,
@@ -139,7 +142,9 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
         lo, hi = (int(v) for v in digit_size)
         if not 8 <= lo <= hi:
-            raise ValueError(f"digit_size must be (min, max) with 8 <= min <= max, got {digit_size}.")
+            raise ValueError(
+                f"digit_size must be (min, max) with 8 <= min <= max, got {digit_size}."
+            )
         if hi > canvas_size:
             raise ValueError(
                 f"digit_size max {hi} does not fit the canvas of {canvas_size} pixels; raise "
@@ -161,6 +166,9 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
         self.num_fragments = int(num_fragments)
         self.num_strokes = int(num_strokes)
         self.noise_std = float(noise_std)
+        if not 0.0 <= touch_prob <= 1.0:
+            raise ValueError(f"touch_prob must be in [0, 1], got {touch_prob}.")
+        self.touch_prob = float(touch_prob)
         self.seed = int(seed)
         self.transform = transform
         self.source_indices = digit_split_indices(split, test_fraction)
@@ -264,8 +272,8 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
         best = glyph
         best_ink = -1.0
         for _ in range(6):
-            ch = max(4, int(round(gh * rng.uniform(0.4, 0.75))))
-            cw = max(4, int(round(gw * rng.uniform(0.4, 0.75))))
+            ch = max(4, int(round(gh * rng.uniform(self._crop_lo, self._crop_hi))))
+            cw = max(4, int(round(gw * rng.uniform(self._crop_lo, self._crop_hi))))
             y = int(rng.integers(0, gh - ch + 1))
             x = int(rng.integers(0, gw - cw + 1))
             crop = glyph[y : y + ch, x : x + cw]
@@ -310,16 +318,30 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
         boxes: Sequence[tuple[int, int, int, int]],
         rng: np.random.Generator,
     ) -> None:
-        """Max-composite ``piece`` with its centre outside every digit box (best effort)."""
+        """Max-composite ``piece``: touching a digit box with probability ``touch_prob``
+        (overlapping one of its sides by 10-30% of the piece), otherwise anywhere with its
+        centre outside every digit box (best effort)."""
         s = layer.shape[0]
         ph, pw = piece.shape
         y, x = 0, 0
-        for _attempt in range(30):
-            y = int(rng.integers(-(ph // 3), s - ph + ph // 3 + 1))
-            x = int(rng.integers(-(pw // 3), s - pw + pw // 3 + 1))
-            cy, cx = y + ph // 2, x + pw // 2
-            if not any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in boxes):
-                break
+        if boxes and rng.random() < self.touch_prob:
+            x0, y0, x1, y1 = boxes[int(rng.integers(len(boxes)))]
+            side = int(rng.integers(4))
+            if side < 2:  # left / right
+                over = int(round(pw * rng.uniform(0.1, 0.3)))
+                x = x0 - pw + over if side == 0 else x1 + 1 - over
+                y = int(rng.integers(y0 - ph // 2, max(y0 - ph // 2, y1 - ph // 2) + 1))
+            else:  # top / bottom
+                over = int(round(ph * rng.uniform(0.1, 0.3)))
+                y = y0 - ph + over if side == 2 else y1 + 1 - over
+                x = int(rng.integers(x0 - pw // 2, max(x0 - pw // 2, x1 - pw // 2) + 1))
+        else:
+            for _attempt in range(30):
+                y = int(rng.integers(-(ph // 3), s - ph + ph // 3 + 1))
+                x = int(rng.integers(-(pw // 3), s - pw + pw // 3 + 1))
+                cy, cx = y + ph // 2, x + pw // 2
+                if not any(b[0] <= cx <= b[2] and b[1] <= cy <= b[3] for b in boxes):
+                    break
         ys, xs = max(0, y), max(0, x)
         ye, xe = min(s, y + ph), min(s, x + pw)
         if ye <= ys or xe <= xs:

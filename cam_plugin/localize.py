@@ -17,7 +17,8 @@ Box convention (both rules): ``(x0, y0, x1, y1)`` in *inclusive* pixel coordinat
 A map with nothing to box gives ``(0, 0, 0, 0)``.
 
 Maps are expected to be min-max normalized to ``[0, 1]`` per map (``CAMResult.normalize()``
-or :func:`normalize_maps`); thresholds are always *fractions of each map's own maximum*.
+or :func:`cam_plugin.minmax_normalize`); thresholds are always *fractions of each map's own
+maximum*.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ __all__ = [
     "contour_boxes",
     "label_components",
     "masks",
-    "normalize_maps",
     "threshold_boxes",
     "topk_boxes",
 ]
@@ -113,7 +113,7 @@ def _as_numpy_maps(maps: object, name: str = "maps") -> np.ndarray:
     if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
         raise ValueError(
             f"{name} must lie in [0, 1] (min-max normalize each map first, e.g. "
-            f"CAMResult.normalize() or cam_plugin.localize.normalize_maps); got "
+            f"CAMResult.normalize() or cam_plugin.minmax_normalize); got "
             f"min={arr.min():.4g}, max={arr.max():.4g}."
         )
     return arr
@@ -141,32 +141,6 @@ def _check_thresholds(thresholds: object) -> np.ndarray:
             f"min={arr.min()}, max={arr.max()}."
         )
     return arr
-
-
-# --------------------------------------------------------------------------- normalization
-
-
-def normalize_maps(maps: Tensor) -> Tensor:
-    """Min-max normalize each map over its last two dims, as Choe et al. do.
-
-    ``m' = (m - min m) / (max m - min m)``; a constant map (``max == min``) becomes all
-    zeros, so it has no box under either rule. NaN maps raise ``ValueError`` (Choe et al.'s
-    code silently zeroes them; we refuse so the bug upstream is seen).
-
-    Args:
-        maps: float tensor ``(..., H, W)``.
-
-    Returns:
-        Tensor of the same shape and dtype with values in ``[0, 1]``.
-    """
-    maps = _check_tensor_maps(maps)
-    if maps.dtype == torch.bool:
-        return maps.to(torch.float32)
-    lo = maps.amin(dim=(-2, -1), keepdim=True)
-    hi = maps.amax(dim=(-2, -1), keepdim=True)
-    span = hi - lo
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    return torch.where(span > 0, (maps - lo) / safe, torch.zeros_like(maps))
 
 
 # --------------------------------------------------------------------------- paper's rule

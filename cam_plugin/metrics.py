@@ -86,7 +86,9 @@ def _check_boxes(boxes: object, name: str, allow_empty: bool = False) -> np.ndar
     try:
         arr = _to_numpy(boxes)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be an array-like of boxes (n, 4), got {type(boxes)!r}.") from exc
+        raise TypeError(
+            f"{name} must be an array-like of boxes (n, 4), got {type(boxes)!r}."
+        ) from exc
     if arr.ndim == 1 and arr.shape[0] == 4:
         arr = arr.reshape(1, 4)
     if arr.ndim == 1 and arr.size == 0 and allow_empty:
@@ -99,12 +101,12 @@ def _check_boxes(boxes: object, name: str, allow_empty: bool = False) -> np.ndar
         np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     ):
         raise TypeError(f"{name} must hold integer pixel coordinates, got dtype {arr.dtype}.")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or (arr != np.round(arr)).any():
-            raise ValueError(
-                f"{name} must hold whole-number inclusive pixel coordinates; got non-integer "
-                "values. Round them (e.g. floor x0/y0 and ceil-1 exclusive x1/y1) first."
-            )
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    if is_float and (not np.isfinite(arr).all() or (arr != np.round(arr)).any()):
+        raise ValueError(
+            f"{name} must hold whole-number inclusive pixel coordinates; got non-integer "
+            "values. Round them (e.g. floor x0/y0 and ceil-1 exclusive x1/y1) first."
+        )
     arr = arr.astype(np.int64)
     if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(
@@ -153,7 +155,9 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(denominator > 0, inter / safe, 0.0).astype(np.float64)
 
 
-def best_iou_per_threshold(boxes: np.ndarray, counts: np.ndarray, gt_boxes: BoxesLike) -> np.ndarray:
+def best_iou_per_threshold(
+    boxes: np.ndarray, counts: np.ndarray, gt_boxes: BoxesLike
+) -> np.ndarray:
     """Best IoU at each threshold between that threshold's boxes and any ground-truth box.
 
     ``best[t] = max_{p in boxes of t, g in gt} IoU(p, g)``, the quantity Choe et al. compare
@@ -241,7 +245,9 @@ def mask_histograms(
     return hist_true.astype(np.int64), hist_false.astype(np.int64)
 
 
-def average_precision_from_histograms(hist_object: np.ndarray, hist_background: np.ndarray) -> float:
+def average_precision_from_histograms(
+    hist_object: np.ndarray, hist_background: np.ndarray
+) -> float:
     """PxAP (percent) from summed histograms, as Choe et al.'s ``MaskEvaluator.compute``.
 
     Sweeping the threshold from high to low: ``TP = cumsum(hist_object reversed)``,
@@ -319,8 +325,10 @@ class WSOLMetrics:
         self.thresholds = cam_thresholds(cam_curve_interval)
         self.cam_curve_interval = float(cam_curve_interval)
         levels = [int(d) for d in iou_thresholds]
-        if not levels or any(not 0 < d <= 100 for d in levels) or any(
-            d != float(v) for d, v in zip(levels, iou_thresholds)
+        if (
+            not levels
+            or any(not 0 < d <= 100 for d in levels)
+            or any(d != float(v) for d, v in zip(levels, iou_thresholds))
         ):
             raise ValueError(
                 f"iou_thresholds must be a non-empty sequence of integer percents in (0, 100], "
@@ -328,9 +336,11 @@ class WSOLMetrics:
             )
         self.iou_thresholds = tuple(levels)
         self._levels = tuple(sorted(set(levels) | {50}))
-        if isinstance(fixed_threshold, bool) or not isinstance(
-            fixed_threshold, (int, float, np.floating)
-        ) or not 0.0 <= float(fixed_threshold) <= 1.0:
+        if (
+            isinstance(fixed_threshold, bool)
+            or not isinstance(fixed_threshold, (int, float, np.floating))
+            or not 0.0 <= float(fixed_threshold) <= 1.0
+        ):
             raise ValueError(
                 f"fixed_threshold must be a fraction of each map's max in [0, 1], got "
                 f"{fixed_threshold!r}."
@@ -528,7 +538,9 @@ class WSOLMetrics:
         hits_v2 = np.zeros_like(hits_v1)
         quantized = _quantize(arr[rows])
         for j, i in enumerate(rows):
-            per_thr, largest = _map_contour_boxes(np.ascontiguousarray(quantized[j]), self.thresholds)
+            per_thr, largest = _map_contour_boxes(
+                np.ascontiguousarray(quantized[j]), self.thresholds
+            )
             counts = np.ones(n_t, dtype=np.int64)
             single = np.concatenate([bx[k : k + 1] for bx, k in zip(per_thr, largest)])
             best_v1 = best_iou_per_threshold(single, counts, boxes[i])

@@ -1,0 +1,170 @@
+"""Pictures: colour-mapped overlays of a map on an image, and a labelled grid figure.
+
+``overlay`` blends ``(1 − α)·image + α·colormap(m̂)`` where ``m̂`` is the map resized
+(bilinear) to the image and min-max normalized to ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+from .errors import CAMInputError
+from .result import minmax_normalize
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .result import CAMResult
+
+__all__ = ["draw_box", "grid_figure", "overlay", "to_uint8_image"]
+
+ArrayLike = Union[np.ndarray, Tensor, Image.Image]
+
+
+def to_uint8_image(image: ArrayLike) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 array from a PIL image, an ``(H, W[, C])`` array or a ``(C, H, W)``
+    tensor (float images are taken as ``[0, 1]`` after min-max if they leave that range)."""
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"))
+    elif isinstance(image, Tensor):
+        t = image.detach().float().cpu()
+        if t.dim() == 3 and t.shape[0] in (1, 3):
+            t = t.permute(1, 2, 0)
+        arr = t.numpy()
+    elif isinstance(image, np.ndarray):
+        arr = image
+    else:
+        raise TypeError(f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}")
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise CAMInputError(f"image must be (H, W), (H, W, C) or (C, H, W), got {arr.shape}")
+    arr = arr[:, :, :3]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.dtype != np.uint8:
+        arr = arr.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        arr = (arr * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def overlay(
+    image: ArrayLike,
+    cam_map: Union[Tensor, np.ndarray],
+    *,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+) -> np.ndarray:
+    """Blend a colour-mapped CAM over an image: ``(1 − α)·image + α·cmap(minmax(resize(m)))``.
+
+    Args:
+        image: the picture (see :func:`to_uint8_image`).
+        cam_map: ``(h, w)`` map at any resolution; resized bilinearly to the image.
+        alpha: weight of the heat map, in ``[0, 1]``.
+        colormap: a matplotlib colormap name.
+
+    Returns:
+        ``(H, W, 3)`` uint8 array.
+    """
+    import matplotlib
+
+    if not 0.0 <= alpha <= 1.0:
+        raise CAMInputError(f"alpha must be in [0, 1], got {alpha}")
+    base = to_uint8_image(image)
+    m = torch.as_tensor(np.asarray(cam_map) if not isinstance(cam_map, Tensor) else cam_map)
+    m = m.detach().float().cpu()
+    if m.dim() != 2:
+        raise CAMInputError(f"cam_map must be 2-D (h, w), got shape {tuple(m.shape)}")
+    h, w = base.shape[:2]
+    m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    m = minmax_normalize(m).numpy()
+    cmap = matplotlib.colormaps[colormap]
+    heat = (cmap(m)[:, :, :3] * 255.0).astype(np.float32)
+    out = (1.0 - alpha) * base.astype(np.float32) + alpha * heat
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def draw_box(
+    image: np.ndarray,
+    box: Sequence[float],
+    *,
+    color: tuple[int, int, int] = (0, 255, 0),
+    width: int = 2,
+) -> np.ndarray:
+    """Draw an inclusive ``(x0, y0, x1, y1)`` box on a copy of an ``(H, W, 3)`` uint8 image."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 < x0 or y1 < y0:
+        raise CAMInputError(f"box must have x1 >= x0 and y1 >= y0, got {tuple(box)}")
+    pil = Image.fromarray(to_uint8_image(image))
+    ImageDraw.Draw(pil).rectangle([x0, y0, x1, y1], outline=color, width=width)
+    return np.asarray(pil)
+
+
+def grid_figure(
+    images: Sequence[ArrayLike],
+    result: CAMResult,
+    *,
+    class_names: Optional[Sequence[str]] = None,
+    boxes: bool = True,
+    threshold: float = 0.2,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+    titles: Optional[Sequence[str]] = None,
+) -> Figure:
+    """One row per image: the image, then an overlay per map with its class name,
+    probability and (optionally) the paper's box (``threshold × max``, largest component).
+
+    ``images`` are shown at the size the model saw; the maps are upsampled to it.
+    """
+    from matplotlib.figure import Figure
+
+    if len(images) != result.maps.shape[0]:
+        raise CAMInputError(
+            f"{len(images)} images but the result has {result.maps.shape[0]} maps per batch"
+        )
+    up = result.upsample().normalize() if result.stage == "feature" else result
+    box_t = up.boxes(threshold) if boxes else None
+    probs = result.probabilities.detach().cpu()
+    rows, k = up.maps.shape[0], up.maps.shape[1]
+    fig = Figure(figsize=(2.6 * (k + 1), 2.9 * rows), dpi=100, layout="constrained")
+    for r in range(rows):
+        base = to_uint8_image(images[r])
+        h, w = base.shape[:2]
+        ax = fig.add_subplot(rows, k + 1, r * (k + 1) + 1)
+        ax.imshow(base)
+        ax.set_title(titles[r] if titles else "input", fontsize=9)
+        ax.axis("off")
+        for j in range(k):
+            cls = int(result.classes[r, j])
+            ax = fig.add_subplot(rows, k + 1, r * (k + 1) + j + 2)
+            ax.axis("off")
+            if cls < 0:
+                continue
+            m = up.maps[r, j]
+            if m.shape != (h, w):
+                m = F.interpolate(m[None, None], size=(h, w), mode="bilinear")[0, 0]
+            pic = overlay(base, m, alpha=alpha, colormap=colormap)
+            if box_t is not None:
+                pic = draw_box(pic, _scale_box(box_t[r, j], up.maps.shape[-2:], (h, w)))
+            ax.imshow(pic)
+            name = class_names[cls] if class_names is not None and cls < len(class_names) else str(cls)
+            name = name if len(name) <= 22 else name[:21] + "…"
+            ax.set_title(f"{name}\np={float(probs[r, j]):.2f}", fontsize=9)
+    return fig
+
+
+def _scale_box(box: Tensor, src_hw: Any, dst_hw: tuple[int, int]) -> list[float]:
+    sy = dst_hw[0] / float(src_hw[0])
+    sx = dst_hw[1] / float(src_hw[1])
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0 * sx, y0 * sy, (x1 + 1) * sx - 1, (y1 + 1) * sy - 1]
