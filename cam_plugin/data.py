@@ -233,6 +233,8 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
 
         clutter = np.zeros_like(canvas)
         others = np.flatnonzero(~np.isin(self._labels, labels))
+        if len(others) == 0:  # every class is on the canvas: any digit will do
+            others = np.arange(len(self._labels))
         for _ in range(self.num_fragments):
             k = int(others[rng.integers(len(others))])
             piece = self._fragment(self._glyph(self._images[k], rng), rng)

@@ -72,19 +72,29 @@ class FeatureCapture:
             return
         self.value = value.detach() if self.detach else value
 
-    def _on_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._store(output)
-
-    def _on_input(self, module: nn.Module, args: Any) -> None:
-        self._store(args[0] if args else None)
-
     def install(self) -> FeatureCapture:
-        """Install the hook (idempotent)."""
+        """Install the hook (idempotent).
+
+        The hook holds only a weak reference to this object, so a capture that is dropped
+        while installed is garbage-collected and its finalizer removes the hook.
+        """
         if self._handle is None:
+            ref = weakref.ref(self)
+
+            def on_output(module: nn.Module, args: Any, output: Any) -> None:
+                cap = ref()
+                if cap is not None:
+                    cap._store(output)
+
+            def on_input(module: nn.Module, args: Any) -> None:
+                cap = ref()
+                if cap is not None:
+                    cap._store(args[0] if args else None)
+
             if self.capture == "output":
-                self._handle = self.module.register_forward_hook(self._on_output)
+                self._handle = self.module.register_forward_hook(on_output)
             else:
-                self._handle = self.module.register_forward_pre_hook(self._on_input)
+                self._handle = self.module.register_forward_pre_hook(on_input)
             self._finalizer = weakref.finalize(self, _remove, self._handle)
         return self
 

@@ -380,33 +380,64 @@ class ContourBoxes(NamedTuple):
 
 def _map_contour_boxes(
     image: np.ndarray, thresholds: np.ndarray
-) -> tuple[list[np.ndarray], list[int]]:
-    """All contour boxes of one uint8 image per threshold, plus the largest one's index."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every contour box of one uint8 image at every threshold (Choe et al.'s steps).
+
+    Returns ``(boxes (n_total, 4), counts (T,), largest (T,))``: the boxes of all thresholds
+    concatenated in threshold order, how many belong to each threshold (an empty threshold
+    gets the box ``(0, 0, 0, 0)``, so ``counts >= 1``), and the row in ``boxes`` of each
+    threshold's largest contour.
+
+    Boxes and areas are computed from the contour points at once for the whole sweep. For a
+    point set ``cv2.boundingRect`` is ``(min x, min y, max x - min x + 1, ...)``, so Choe et
+    al.'s box ``(x, y, x + w, y + h)`` is ``(min x, min y, max x + 1, max y + 1)``, clipped
+    to ``(W - 1, H - 1)``. ``cv2.contourArea`` is the shoelace formula
+    ``|sum_i (x_i y_{i+1} - x_{i+1} y_i)| / 2`` over the closed polygon; twice it is computed
+    here in exact integers. The first contour of maximal area is the largest (as ``max``).
+    """
     import cv2
 
     height, width = image.shape
     peak = int(image.max())
-    all_boxes: list[np.ndarray] = []
-    largest: list[int] = []
-    for thr in thresholds:
+    found: list[np.ndarray] = []
+    counts = np.zeros(len(thresholds), dtype=np.int64)
+    for t, thr in enumerate(thresholds):
         _, binary = cv2.threshold(image, int(float(thr) * peak), 255, cv2.THRESH_BINARY)
         # OpenCV 3 returns (image, contours, hierarchy), OpenCV >= 4 (contours, hierarchy).
         contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
-        if len(contours) == 0:
-            all_boxes.append(np.zeros((1, 4), dtype=np.int64))
-            largest.append(0)
-            continue
-        boxes = np.empty((len(contours), 4), dtype=np.int64)
-        best, best_area = 0, -1.0
-        for j, contour in enumerate(contours):
-            x, y, w, h = cv2.boundingRect(contour)
-            boxes[j] = (x, y, min(x + w, width - 1), min(y + h, height - 1))
-            area = float(cv2.contourArea(contour))
-            if area > best_area:  # strict: the first contour of maximal area wins
-                best, best_area = j, area
-        all_boxes.append(boxes)
-        largest.append(best)
-    return all_boxes, largest
+        counts[t] = len(contours)
+        found.extend(contours)
+    if found:
+        lengths = np.fromiter((len(c) for c in found), dtype=np.int64, count=len(found))
+        pts = np.concatenate(found).reshape(-1, 2).astype(np.int64)
+        ends = np.cumsum(lengths)
+        first = ends - lengths
+        x, y = pts[:, 0], pts[:, 1]
+        boxes = np.stack(
+            [
+                np.minimum.reduceat(x, first),
+                np.minimum.reduceat(y, first),
+                np.minimum(np.maximum.reduceat(x, first) + 1, width - 1),
+                np.minimum(np.maximum.reduceat(y, first) + 1, height - 1),
+            ],
+            axis=1,
+        )
+        following = np.arange(1, len(pts) + 1)
+        following[ends - 1] = first  # close each polygon
+        area = np.abs(np.add.reduceat(x * y[following] - x[following] * y, first))
+    else:
+        boxes = np.zeros((0, 4), dtype=np.int64)
+        area = np.zeros(0, dtype=np.int64)
+    empty = counts == 0
+    if empty.any():
+        at = (np.cumsum(counts) - counts)[empty]
+        boxes = np.insert(boxes, at, 0, axis=0)
+        area = np.insert(area, at, 0)
+        counts[empty] = 1
+    starts = np.cumsum(counts) - counts
+    is_max = area == np.repeat(np.maximum.reduceat(area, starts), counts)
+    largest = np.minimum.reduceat(np.where(is_max, np.arange(len(area)), len(area)), starts)
+    return boxes, counts, largest
 
 
 def _quantize(maps: np.ndarray) -> np.ndarray:
@@ -450,9 +481,9 @@ def contour_boxes(
     quantized = _quantize(arr.reshape(-1, h, w))
     out: list[ContourBoxes] = []
     for image in quantized:
-        per_thr, largest = _map_contour_boxes(np.ascontiguousarray(image), thr)
-        if not multi_contour:
-            per_thr = [boxes[i : i + 1] for boxes, i in zip(per_thr, largest)]
-        counts = np.array([len(b) for b in per_thr], dtype=np.int64)
-        out.append(ContourBoxes(boxes=np.concatenate(per_thr, axis=0), counts=counts))
+        boxes, counts, largest = _map_contour_boxes(np.ascontiguousarray(image), thr)
+        if multi_contour:
+            out.append(ContourBoxes(boxes=boxes, counts=counts))
+        else:
+            out.append(ContourBoxes(boxes=boxes[largest], counts=np.ones_like(counts)))
     return out

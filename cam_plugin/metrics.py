@@ -538,15 +538,12 @@ class WSOLMetrics:
         hits_v2 = np.zeros_like(hits_v1)
         quantized = _quantize(arr[rows])
         for j, i in enumerate(rows):
-            per_thr, largest = _map_contour_boxes(
+            found, counts, largest = _map_contour_boxes(
                 np.ascontiguousarray(quantized[j]), self.thresholds
             )
-            counts = np.ones(n_t, dtype=np.int64)
-            single = np.concatenate([bx[k : k + 1] for bx, k in zip(per_thr, largest)])
-            best_v1 = best_iou_per_threshold(single, counts, boxes[i])
+            best_v1 = best_iou_per_threshold(found[largest], np.ones(n_t, np.int64), boxes[i])
             if self.multi_contour_for_v2:
-                counts = np.array([len(bx) for bx in per_thr], dtype=np.int64)
-                best_v2 = best_iou_per_threshold(np.concatenate(per_thr), counts, boxes[i])
+                best_v2 = best_iou_per_threshold(found, counts, boxes[i])
             else:
                 best_v2 = best_v1
             hits_v1[j] = best_v1[None, :] >= levels
@@ -575,8 +572,8 @@ class WSOLMetrics:
             thr = np.asarray([self.fixed_threshold])
             pred = np.empty((len(rows), 1, 4), dtype=np.int64)
             for j in range(len(rows)):
-                per_thr, largest = _map_contour_boxes(np.ascontiguousarray(quantized[j]), thr)
-                pred[j, 0] = per_thr[0][largest[0]]
+                found, _, largest = _map_contour_boxes(np.ascontiguousarray(quantized[j]), thr)
+                pred[j, 0] = found[largest[0]]
         return np.array(
             [_box_iou(pred[j], boxes[i]).max() for j, i in enumerate(rows)], dtype=np.float64
         )

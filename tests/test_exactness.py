@@ -1,0 +1,200 @@
+"""The exactness identity and an independent computation, on every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision.models as tvm
+
+import cam_plugin as cp
+
+from helpers import assert_identity, images, randomize_head
+
+# (timm name, kwargs, input size, layout)
+TIMM_MODELS = [
+    ("resnet18", {}, 64, "NCHW"),
+    ("resnext26ts", {}, 64, "NCHW"),
+    ("regnety_002", {}, 64, "NCHW"),
+    ("tf_efficientnet_lite0", {}, 64, "NCHW"),
+    ("efficientnet_b0", {}, 64, "NCHW"),
+    ("densenet121", {}, 64, "NCHW"),
+    ("convnext_atto", {}, 64, "NCHW-LN"),
+    ("mobilenetv2_050", {}, 64, "NCHW"),
+    ("vit_tiny_patch16_224", {"global_pool": "avg", "img_size": 64}, 64, "tokens"),
+    ("deit_tiny_patch16_224", {"global_pool": "avg", "img_size": 64}, 64, "tokens"),
+    ("vit_small_patch16_224", {"global_pool": "avg", "img_size": 64, "reg_tokens": 4,
+                               "class_token": True, "depth": 2}, 64, "tokens"),
+    ("swin_tiny_patch4_window7_224", {"img_size": 112, "depths": (1, 1, 1, 1)}, 112, "NHWC"),
+]
+
+
+def _independent_maps(model: torch.nn.Module, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """All-class maps from ``forward_features`` and ``get_classifier()``, written out here."""
+    with torch.no_grad():
+        f = model.forward_features(x)
+        fc = model.get_classifier()
+        w = fc.weight.reshape(fc.weight.shape[0], -1)
+        if layout == "NHWC":
+            f = f.permute(0, 3, 1, 2)
+        if layout == "tokens":
+            tokens = f[:, model.num_prefix_tokens :]
+            side = int(tokens.shape[1] ** 0.5)
+            f = tokens.transpose(1, 2).reshape(f.shape[0], -1, side, side)
+        if layout == "NCHW-LN" or (layout == "tokens" and not isinstance(model.fc_norm, torch.nn.Identity)):
+            norm = model.head.norm if layout == "NCHW-LN" else model.fc_norm
+            pooled = f.mean(dim=(2, 3))
+            mu = pooled.mean(1)[:, None, None, None]
+            sigma = torch.sqrt(pooled.var(1, unbiased=False) + norm.eps)[:, None, None, None]
+            f = (f - mu) / sigma * norm.weight[None, :, None, None]
+        return torch.einsum("ck,bkhw->bchw", w, f)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size", "layout"), TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS])
+def test_timm_identity_and_independent_maps(name: str, kwargs: dict, size: int, layout: str) -> None:
+    torch.manual_seed(0)
+    model = randomize_head(timm.create_model(name, num_classes=37, **kwargs)).eval()
+    x = images(2, size)
+    cam = cp.CAM(model)
+    res = cam(x, targets="all")
+    assert res.maps.shape[:2] == (2, 37)
+    assert_identity(res)
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(res.logits, logits)
+    expected = _independent_maps(model, x, layout)
+    scale = float(expected.abs().max())
+    assert float((res.maps - expected).abs().max()) <= 1e-4 * max(1.0, scale)
+    assert cam.adapter.layout.kind == layout.split("-")[0]
+
+
+# torchvision classifiers (eval mode), at their smallest sensible size
+TV_MODELS = [
+    ("resnet18", {}, 64),
+    ("resnext50_32x4d", {}, 64),
+    ("wide_resnet50_2", {}, 64),
+    ("densenet121", {}, 64),
+    ("efficientnet_b0", {}, 64),
+    ("convnext_tiny", {}, 64),
+    ("regnet_y_400mf", {}, 64),
+    ("mobilenet_v2", {}, 64),
+    ("shufflenet_v2_x0_5", {}, 64),
+    ("googlenet", {"aux_logits": False, "init_weights": False}, 64),
+    ("inception_v3", {"aux_logits": False, "init_weights": False}, 96),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "size"), TV_MODELS, ids=[m[0] for m in TV_MODELS])
+def test_torchvision_identity(name: str, kwargs: dict, size: int) -> None:
+    torch.manual_seed(0)
+    model = randomize_head(getattr(tvm, name)(num_classes=11, **kwargs)).eval()
+    x = images(2, size)
+    res = cp.CAM(model)(x, targets="all")
+    assert res.maps.shape[:2] == (2, 11)
+    assert_identity(res)
+    with torch.no_grad():
+        torch.testing.assert_close(res.logits, model(x))
+
+
+def test_torchvision_resnet_independent() -> None:
+    model = randomize_head(tvm.resnet18(num_classes=5)).eval()
+    x = images(3, 64)
+    res = cp.CAM(model)(x, targets="all")
+    with torch.no_grad():
+        trunk = torch.nn.Sequential(*list(model.children())[:-2])
+        expected = torch.einsum("ck,bkhw->bchw", model.fc.weight, trunk(x))
+    torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_densenet_functional_relu_is_detected() -> None:
+    model = randomize_head(tvm.densenet121(num_classes=4)).eval()
+    cam = cp.CAM(model)
+    x = images(2, 64)
+    res = cam(x, targets="all")
+    with torch.no_grad():
+        expected = torch.einsum(
+            "ck,bkhw->bchw", model.classifier.weight, F.relu(model.features(x))
+        )
+    torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("factory", "module"),
+    [
+        (lambda: tvm.vgg11(num_classes=5), "classifier.1"),
+        (lambda: tvm.alexnet(num_classes=5), "classifier.2"),
+        (lambda: tvm.mobilenet_v3_small(num_classes=5), "classifier.1"),
+        (lambda: timm.create_model("mobilenetv3_small_050", num_classes=5), "act2"),
+    ],
+    ids=["vgg11", "alexnet", "mobilenet_v3_small", "timm-mobilenetv3"],
+)
+def test_nonlinear_heads_are_refused_by_name(factory, module: str) -> None:  # type: ignore[no-untyped-def]
+    model = factory().eval()
+    with pytest.raises(cp.UnsupportedHeadError, match=module) as info:
+        cp.CAM(model)
+    assert "cam_plugin.convert" in str(info.value)
+
+
+@pytest.mark.parametrize("pool", ["token", "map"])
+def test_vit_cls_and_attention_pooling_refused(pool: str) -> None:
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, global_pool=pool, depth=1)
+    with pytest.raises(cp.UnsupportedHeadError, match="global_pool") as info:
+        cp.CAM(model.eval())
+    assert "convert" in str(info.value)
+
+
+def test_max_pooled_timm_model_refused() -> None:
+    model = timm.create_model("resnet18", num_classes=3, global_pool="max").eval()
+    with pytest.raises(cp.UnsupportedHeadError, match="max"):
+        cp.CAM(model)
+
+
+def test_generic_probe_refuses_functional_max_pool() -> None:
+    class MaxPooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.fc = torch.nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).amax(dim=(2, 3)))
+
+    with pytest.raises(cp.UnsupportedHeadError, match="global average"):
+        cp.CAM(MaxPooled().eval(), input_size=(3, 16, 16))
+
+
+def test_bn1d_and_dropout_head_fold_exactly(tiny_cnn: torch.nn.Module) -> None:
+    class BNHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.GELU())
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.head = torch.nn.Sequential(
+                torch.nn.Flatten(), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.3),
+                torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.pool(self.body(x)))
+
+    model = randomize_head(BNHead()).eval()
+    res = cp.CAM(model, input_size=(3, 20, 20))(images(4, 20), targets="all")
+    assert_identity(res)
+
+
+def test_conv1x1_classifier_folds() -> None:
+    class ConvHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.cls = torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.cls(self.pool(torch.relu(self.body(x)))).flatten(1)
+
+    model = randomize_head(ConvHead()).eval()
+    res = cp.CAM(model, input_size=(3, 16, 16))(images(2, 16), targets="all")
+    assert_identity(res)
+    assert res.maps.shape == (2, 4, 16, 16)
