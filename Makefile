@@ -35,6 +35,7 @@ $(VENV)/.demo: $(VENV)/.base pyproject.toml
 
 # test: everything, including the OpenMMLab stack (full mmcv is built once into $(CACHE))
 $(VENV)/.test: $(VENV)/.demo pyproject.toml
+	$(PIP) "setuptools>=68" wheel
 	$(PIP) -e ".[timm,demo,captum,docs,test]"
 	$(PIP) onnx onnxruntime onnxscript torchcam grad-cam
 	$(PIP) addict pyyaml rich termcolor yapf opencv-python-headless einops importlib-metadata \

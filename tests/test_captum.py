@@ -272,7 +272,8 @@ def test_layer_aliases_and_wrong_layers(resnet: nn.Module, resnet_cam: ClassActi
 def test_bad_inputs(resnet: nn.Module, resnet_cam: ClassActivationMap) -> None:
     cam = resnet_cam
     x = _images(2, 64)
-    torch.testing.assert_close(cam.attribute((x,), target=1), cam.attribute(x, target=1))
+    (as_tuple,) = cam.attribute((x,), target=1)
+    torch.testing.assert_close(as_tuple, cam.attribute(x, target=1))
     with pytest.raises(CAMInputError, match="tuple of 2 tensors"):
         cam.attribute((x, x), target=1)
     with pytest.raises(CAMInputError, match="4-D"):
