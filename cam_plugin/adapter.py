@@ -85,7 +85,8 @@ class Adapter:
     def __post_init__(self) -> None:
         if not isinstance(self.feature_module, nn.Module):
             raise CAMInputError(
-                f"Adapter.feature_module must be an nn.Module, got {type(self.feature_module).__name__}"
+                "Adapter.feature_module must be an nn.Module, got "
+                f"{type(self.feature_module).__name__}"
             )
         if self.pool not in ("avg", "max"):
             raise CAMInputError(f"Adapter.pool must be 'avg' or 'max', got {self.pool!r}")

@@ -39,9 +39,7 @@ def _check_class(values: Tensor, num_classes: int, what: str) -> None:
         )
 
 
-def parse_targets(
-    targets: Targets, logits: Tensor, topk: int = 1
-) -> Optional[Tensor]:
+def parse_targets(targets: Targets, logits: Tensor, topk: int = 1) -> Optional[Tensor]:
     """Turn the ``targets`` argument into a ``(B, k)`` long tensor (``-1`` = padding).
 
     ``None`` -> the ``topk`` highest logits of each image; ``"all"`` -> ``None`` (every
@@ -189,8 +187,7 @@ class CAM:
     def _check_images(self, images: Any) -> Tensor:
         if not isinstance(images, Tensor):
             raise TypeError(
-                f"images must be a torch.Tensor of shape (B, C, H, W), got "
-                f"{type(images).__name__}"
+                f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}"
             )
         if images.dim() != 4:
             hint = " (one image? use images.unsqueeze(0))" if images.dim() == 3 else ""
@@ -225,9 +222,7 @@ class CAM:
             )
 
     # -- the one data path ---------------------------------------------------------------
-    def __call__(
-        self, images: Tensor, targets: Targets = None, topk: int = 1
-    ) -> CAMResult:
+    def __call__(self, images: Tensor, targets: Targets = None, topk: int = 1) -> CAMResult:
         """Run the model once and return the maps of the requested classes.
 
         Args:
@@ -241,7 +236,9 @@ class CAM:
         self._check_mode()
         adapter = self.adapter
         grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
-        capture = FeatureCapture(adapter.feature_module, adapter.capture, detach=not self.differentiable)
+        capture = FeatureCapture(
+            adapter.feature_module, adapter.capture, detach=not self.differentiable
+        )
         self._capture = capture
         try:
             with grad_ctx:
@@ -270,7 +267,7 @@ class CAM:
             classes = torch.arange(num_classes, device=logits.device).expand(logits.shape[0], -1)
         bias = head.class_bias(classes.clamp_min(0)).to(maps.dtype)
         if bool((classes < 0).any()):
-            keep = (classes >= 0)
+            keep = classes >= 0
             maps = maps * keep[:, :, None, None]
             bias = bias * keep
         return CAMResult(

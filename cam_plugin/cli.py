@@ -87,12 +87,15 @@ def preprocess(image: Image.Image, cfg: dict[str, Any]) -> tuple[torch.Tensor, I
     _, height, width = cfg["input_size"]
     crop_pct = float(cfg.get("crop_pct", 0.875) or 1.0)
     short = int(round(min(height, width) / crop_pct))
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}.get(
-        str(cfg.get("interpolation", "bilinear")), Image.BILINEAR
-    )
+    resample = {
+        "bicubic": Image.Resampling.BICUBIC,
+        "bilinear": Image.Resampling.BILINEAR,
+    }.get(str(cfg.get("interpolation", "bilinear")), Image.Resampling.BILINEAR)
     w0, h0 = image.size
     scale = short / min(w0, h0)
-    resized = image.resize((max(width, round(w0 * scale)), max(height, round(h0 * scale))), resample)
+    resized = image.resize(
+        (max(width, round(w0 * scale)), max(height, round(h0 * scale))), resample
+    )
     left = (resized.width - width) // 2
     top = (resized.height - height) // 2
     crop = resized.crop((left, top, left + width, top + height))
@@ -182,7 +185,11 @@ def explain(args: argparse.Namespace) -> int:
                     exact=res.exact,
                 )
                 fig = grid_figure(
-                    [crop], row, class_names=names, threshold=args.threshold, alpha=args.alpha,
+                    [crop],
+                    row,
+                    class_names=names,
+                    threshold=args.threshold,
+                    alpha=args.alpha,
                     titles=[stem],
                 )
                 fig.savefig(out / f"{stem}.png")

@@ -173,6 +173,7 @@ def discover(
     input_size: Optional[Sequence[int]] = None,
     prefix_tokens: Optional[int] = None,
     name: str = "generic",
+    probe_batch: int = 2,
 ) -> Adapter:
     """Find ``feature map -> global average pool -> affine head`` with one probe forward.
 
@@ -182,6 +183,7 @@ def discover(
         input_size: ``(C, H, W)`` for the probe (default: :func:`guess_input_size`).
         prefix_tokens: for token models, the number of prefix tokens to try first.
         name: adapter name to report.
+        probe_batch: batch size of the default probe input.
 
     Raises:
         UnsupportedHeadError: the head after the feature map is not affine after an
@@ -189,7 +191,7 @@ def discover(
         AdapterNotFoundError: the structure could not be read (says why).
     """
     size = tuple(input_size) if input_size is not None else guess_input_size(model)
-    x = example if example is not None else probe_input(model, size)
+    x = example if example is not None else probe_input(model, size, batch=probe_batch)
     try:
         calls, output = _trace(model, x)
     except Exception as err:  # the probe itself failed: say so, with the cause
@@ -205,9 +207,7 @@ def discover(
             "with an output_fn"
         )
     leaves = [c for c in calls if c.leaf]
-    trunk_end = next(
-        (i for i in range(len(leaves) - 1, -1, -1) if _spatial(leaves[i].inp)), None
-    )
+    trunk_end = next((i for i in range(len(leaves) - 1, -1, -1) if _spatial(leaves[i].inp)), None)
     if trunk_end is None:
         raise AdapterNotFoundError(
             "the probe saw no module that receives a spatial feature map (B, K, h, w) or "
@@ -261,8 +261,10 @@ def discover(
             layout = cand
             break
     if layout is None:
-        where = f"'{pool_call.name}' ({type(pool_call.module).__name__})" if pool_call else (
-            f"the code between '{last.name}' and the head"
+        where = (
+            f"'{pool_call.name}' ({type(pool_call.module).__name__})"
+            if pool_call
+            else (f"the code between '{last.name}' and the head")
         )
         raise UnsupportedHeadError(
             f"the head does not pool the feature map of '{feature_name}' (shape "

@@ -177,9 +177,11 @@ class _Affine:
 
     def dense(self, width: int, like: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """``(A, a)`` as a dense matrix and vector."""
-        kwargs = {"dtype": like.dtype, "device": like.device} if like is not None else {}
         if self.mat is None:
-            mat = torch.eye(width, **kwargs)  # type: ignore[arg-type]
+            if like is not None:
+                mat = torch.eye(width, dtype=like.dtype, device=like.device)
+            else:
+                mat = torch.eye(width)
         else:
             mat = torch.diag(self.mat) if self.diag else self.mat
         vec = self.vec if self.vec is not None else mat.new_zeros(mat.shape[0])
@@ -237,7 +239,6 @@ def fold_head(modules: Sequence[tuple[str, nn.Module]], in_features: int) -> Fol
     """
     chain = _Affine()
     pre: Optional[_Affine] = None
-    pre_width = in_features
     norm_eps: Optional[float] = None
     width = in_features
     like: Optional[Tensor] = None
@@ -256,7 +257,7 @@ def fold_head(modules: Sequence[tuple[str, nn.Module]], in_features: int) -> Fol
                     f"head module '{name}' normalizes over {tuple(module.normalized_shape)}, "
                     f"not over the {width} pooled channels. {CONVERT_HINT}"
                 )
-            pre, pre_width, norm_eps = chain, width, float(module.eps)
+            pre, norm_eps = chain, float(module.eps)
             chain = _Affine(module.weight, module.bias, diag=module.weight is not None)
             if module.weight is None:
                 chain = _Affine(None, module.bias)
@@ -271,8 +272,7 @@ def fold_head(modules: Sequence[tuple[str, nn.Module]], in_features: int) -> Fol
         expected = _in_width(affine)
         if expected is not None and expected != width:
             raise UnsupportedHeadError(
-                f"head module '{name}' expects {expected} inputs but receives {width} "
-                "pooled values"
+                f"head module '{name}' expects {expected} inputs but receives {width} pooled values"
             )
         chain = chain.then(affine)
         width = _out_width(affine, width)

@@ -47,9 +47,7 @@ class FeatureCapture:
         self, module: nn.Module, capture: CaptureKind = "output", detach: bool = True
     ) -> None:
         if not isinstance(module, nn.Module):
-            raise CAMInputError(
-                f"FeatureCapture needs an nn.Module, got {type(module).__name__}"
-            )
+            raise CAMInputError(f"FeatureCapture needs an nn.Module, got {type(module).__name__}")
         if capture not in ("output", "input"):
             raise CAMInputError(f"capture must be 'output' or 'input', got {capture!r}")
         self.module = module

@@ -87,7 +87,7 @@ def register_adapter(
         raise CAMInputError(
             f"register_adapter: factory must be callable, got {type(factory).__name__}"
         )
-    label = name or getattr(factory, "__qualname__", repr(factory))
+    label = name or str(getattr(factory, "__qualname__", repr(factory)))
     _REGISTRY.append(_Entry(label, match, factory))
 
 

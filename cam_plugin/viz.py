@@ -41,7 +41,9 @@ def to_uint8_image(image: ArrayLike) -> np.ndarray:
     elif isinstance(image, np.ndarray):
         arr = image
     else:
-        raise TypeError(f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}")
+        raise TypeError(
+            f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}"
+        )
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
@@ -87,9 +89,9 @@ def overlay(
         raise CAMInputError(f"cam_map must be 2-D (h, w), got shape {tuple(m.shape)}")
     h, w = base.shape[:2]
     m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    m = minmax_normalize(m).numpy()
+    scaled: np.ndarray = minmax_normalize(m).numpy()
     cmap = matplotlib.colormaps[colormap]
-    heat = (cmap(m)[:, :, :3] * 255.0).astype(np.float32)
+    heat = np.asarray(cmap(scaled), dtype=np.float32)[:, :, :3] * 255.0
     out = (1.0 - alpha) * base.astype(np.float32) + alpha * heat
     return out.clip(0, 255).astype(np.uint8)
 
@@ -157,7 +159,9 @@ def grid_figure(
             if box_t is not None:
                 pic = draw_box(pic, _scale_box(box_t[r, j], up.maps.shape[-2:], (h, w)))
             ax.imshow(pic)
-            name = class_names[cls] if class_names is not None and cls < len(class_names) else str(cls)
+            name = (
+                class_names[cls] if class_names is not None and cls < len(class_names) else str(cls)
+            )
             name = name if len(name) <= 22 else name[:21] + "…"
             ax.set_title(f"{name}\np={float(probs[r, j]):.2f}", fontsize=9)
     return fig

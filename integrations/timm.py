@@ -53,8 +53,18 @@ def _pool_type(model: nn.Module) -> Optional[str]:
     return None
 
 
-def timm_adapter(model: nn.Module) -> Optional[Adapter]:
-    """Adapter for a timm classifier, or ``None`` for a model that is not from timm."""
+def timm_adapter(
+    model: nn.Module,
+    input_size: Optional[tuple[int, int, int]] = None,
+    probe_batch: int = 2,
+) -> Optional[Adapter]:
+    """Adapter for a timm classifier, or ``None`` for a model that is not from timm.
+
+    Args:
+        model: the timm model.
+        input_size: ``(C, H, W)`` of the probe (default: the model's ``pretrained_cfg``).
+        probe_batch: batch size of the probe forward.
+    """
     if not is_timm_model(model):
         return None
     arch = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
@@ -78,9 +88,10 @@ def timm_adapter(model: nn.Module) -> Optional[Adapter]:
     prefix = getattr(model, "num_prefix_tokens", None)
     return discover(
         model,
-        input_size=guess_input_size(model),
+        input_size=input_size or guess_input_size(model),
         prefix_tokens=int(prefix) if isinstance(prefix, int) else None,
         name=f"timm:{arch}",
+        probe_batch=probe_batch,
     )
 
 

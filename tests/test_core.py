@@ -148,7 +148,9 @@ def test_result_chain(resnet: nn.Module) -> None:
     assert float(res.relu().maps.min()) >= 0.0
     arrays = res.to_numpy()
     assert arrays["maps"].shape == (2, 2, 2, 2) and arrays["classes"].shape == (2, 2)
-    assert torch.allclose(res.probabilities.sum(), res.logits.softmax(1).gather(1, res.classes).sum())
+    assert torch.allclose(
+        res.probabilities.sum(), res.logits.softmax(1).gather(1, res.classes).sum()
+    )
 
 
 def test_constant_map_normalizes_to_zeros() -> None:

@@ -7,10 +7,9 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision.models as tvm
+from helpers import assert_identity, images, randomize_head
 
 import cam_plugin as cp
-
-from helpers import assert_identity, images, randomize_head
 
 # (timm name, kwargs, input size, layout)
 TIMM_MODELS = [
@@ -24,8 +23,12 @@ TIMM_MODELS = [
     ("mobilenetv2_050", {}, 64, "NCHW"),
     ("vit_tiny_patch16_224", {"global_pool": "avg", "img_size": 64}, 64, "tokens"),
     ("deit_tiny_patch16_224", {"global_pool": "avg", "img_size": 64}, 64, "tokens"),
-    ("vit_small_patch16_224", {"global_pool": "avg", "img_size": 64, "reg_tokens": 4,
-                               "class_token": True, "depth": 2}, 64, "tokens"),
+    (
+        "vit_small_patch16_224",
+        {"global_pool": "avg", "img_size": 64, "reg_tokens": 4, "class_token": True, "depth": 2},
+        64,
+        "tokens",
+    ),
     ("swin_tiny_patch4_window7_224", {"img_size": 112, "depths": (1, 1, 1, 1)}, 112, "NHWC"),
 ]
 
@@ -42,7 +45,9 @@ def _independent_maps(model: torch.nn.Module, x: torch.Tensor, layout: str) -> t
             tokens = f[:, model.num_prefix_tokens :]
             side = int(tokens.shape[1] ** 0.5)
             f = tokens.transpose(1, 2).reshape(f.shape[0], -1, side, side)
-        if layout == "NCHW-LN" or (layout == "tokens" and not isinstance(model.fc_norm, torch.nn.Identity)):
+        if layout == "NCHW-LN" or (
+            layout == "tokens" and not isinstance(model.fc_norm, torch.nn.Identity)
+        ):
             norm = model.head.norm if layout == "NCHW-LN" else model.fc_norm
             pooled = f.mean(dim=(2, 3))
             mu = pooled.mean(1)[:, None, None, None]
@@ -51,8 +56,12 @@ def _independent_maps(model: torch.nn.Module, x: torch.Tensor, layout: str) -> t
         return torch.einsum("ck,bkhw->bchw", w, f)
 
 
-@pytest.mark.parametrize(("name", "kwargs", "size", "layout"), TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS])
-def test_timm_identity_and_independent_maps(name: str, kwargs: dict, size: int, layout: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size", "layout"), TIMM_MODELS, ids=[m[0] for m in TIMM_MODELS]
+)
+def test_timm_identity_and_independent_maps(
+    name: str, kwargs: dict, size: int, layout: str
+) -> None:
     torch.manual_seed(0)
     model = randomize_head(timm.create_model(name, num_classes=37, **kwargs)).eval()
     x = images(2, size)
@@ -113,9 +122,7 @@ def test_densenet_functional_relu_is_detected() -> None:
     x = images(2, 64)
     res = cam(x, targets="all")
     with torch.no_grad():
-        expected = torch.einsum(
-            "ck,bkhw->bchw", model.classifier.weight, F.relu(model.features(x))
-        )
+        expected = torch.einsum("ck,bkhw->bchw", model.classifier.weight, F.relu(model.features(x)))
     torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -138,7 +145,9 @@ def test_nonlinear_heads_are_refused_by_name(factory, module: str) -> None:  # t
 
 @pytest.mark.parametrize("pool", ["token", "map"])
 def test_vit_cls_and_attention_pooling_refused(pool: str) -> None:
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, global_pool=pool, depth=1)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=3, img_size=32, global_pool=pool, depth=1
+    )
     with pytest.raises(cp.UnsupportedHeadError, match="global_pool") as info:
         cp.CAM(model.eval())
     assert "convert" in str(info.value)
@@ -171,8 +180,11 @@ def test_bn1d_and_dropout_head_fold_exactly(tiny_cnn: torch.nn.Module) -> None:
             self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.GELU())
             self.pool = torch.nn.AdaptiveAvgPool2d(1)
             self.head = torch.nn.Sequential(
-                torch.nn.Flatten(), torch.nn.BatchNorm1d(6), torch.nn.Dropout(0.3),
-                torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5),
+                torch.nn.Flatten(),
+                torch.nn.BatchNorm1d(6),
+                torch.nn.Dropout(0.3),
+                torch.nn.Linear(6, 5),
+                torch.nn.BatchNorm1d(5),
             )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

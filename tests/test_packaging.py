@@ -39,7 +39,16 @@ def test_wheel_installs_into_a_clean_venv(tmp_path: Path) -> None:
     """
     dist = tmp_path / "dist"
     build = _run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(ROOT),
+        ],
         cwd=tmp_path,
     )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
@@ -56,25 +65,31 @@ def test_wheel_installs_into_a_clean_venv(tmp_path: Path) -> None:
     assert _run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path).returncode == 0
     py = venv / "bin" / "python"
     site = Path(
-        _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).stdout.strip()
+        _run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            cwd=tmp_path,
+        ).stdout.strip()
     )
     (site / "shared_binaries.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     shim = _run([str(py), str(ROOT / "tools" / "install_torchvision_shim.py")], cwd=tmp_path)
     assert shim.returncode == 0, shim.stderr
-    inst = _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])], cwd=tmp_path)
+    inst = _run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheels[0])],
+        cwd=tmp_path,
+    )
     assert inst.returncode == 0, inst.stderr
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     check = (
         "import sys, cam_plugin; "
-        "heavy = {m.split('.')[0] for m in sys.modules} & set(%r); "
+        f"heavy = {{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}); "
         "assert not heavy, heavy; "
-        "assert cam_plugin.__file__.startswith(%r), cam_plugin.__file__; "
+        f"assert cam_plugin.__file__.startswith({str(site)!r}), cam_plugin.__file__; "
         "import cam_plugin.integrations.timm as t, timm, torch; "
         "m = timm.create_model('resnet18', num_classes=3).eval(); "
         "r = cam_plugin.CAM(m)(torch.randn(1, 3, 64, 64)); "
         "print('ok', tuple(r.maps.shape))"
-    ) % (HEAVY, str(site))
+    )
     out = _run([str(py), "-c", check], cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok (1, 1, 2, 2)"

@@ -30,45 +30,53 @@ BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
 def _check(name: str) -> dict[str, Any]:
     import timm
     import torch
+    from cam_plugin.integrations.timm import timm_adapter
 
     import cam_plugin as cp
+    from cam_plugin.discovery import guess_input_size
 
     torch.set_num_threads(1)
     try:
         model = timm.create_model(name, pretrained=False).eval()
     except Exception as err:  # a model that does not build at all is reported, not hidden
         return {"name": name, "status": "error", "detail": f"create_model failed: {err}"[:200]}
-    try:
-        adapter = cp.resolve(model)
-    except cp.UnsupportedHeadError as err:
-        reason = str(err).split(" CAM is exact only")[0].split(" Use cam_plugin.convert")[0]
+    native = guess_input_size(model)
+    # convolutional models are probed at 64 px (cheap); fixed-size ones fall back to native
+    sizes = [(native[0], 64, 64), native] if native[1] > 64 else [native]
+    adapter = None
+    reason = ""
+    refused = False
+    for size in sizes:
+        try:
+            adapter = timm_adapter(model, input_size=size, probe_batch=1)
+            break
+        except cp.UnsupportedHeadError as err:
+            reason, refused = str(err).split(" CAM is exact only")[0], True
+            if "reproduces the model's logits only" not in reason and "does not pool" not in reason:
+                break
+        except Exception as err:
+            reason, refused = f"{type(err).__name__}: {err}", False  # noqa: F841
+    if adapter is None:
         if getattr(model, "global_pool", None) == "token":
             try:
-                cp.resolve(timm.create_model(name, pretrained=False, global_pool="avg").eval())
+                avg = timm.create_model(name, pretrained=False, global_pool="avg").eval()
+                timm_adapter(avg, probe_batch=1)
                 reason = "CLS-token pooling as built; **resolves with `global_pool='avg'`**"
             except Exception:
                 pass
-        return {"name": name, "status": "refused", "detail": reason[:240]}
-    except Exception as err:
-        return {
-            "name": name,
-            "status": "not resolved",
-            "detail": f"{type(err).__name__}: {err}"[:240],
-        }
-    size = adapter.input_size or (3, 224, 224)
-    with torch.no_grad():
-        res = cp.CAM(model, adapter=adapter)(torch.randn(1, *size), targets=0)
+        status = (
+            "refused"
+            if "cam_plugin.convert" in reason or "global_pool" in reason
+            else "not resolved"
+        )
+        return {"name": name, "status": status, "detail": reason[:240]}
+    kind = adapter.layout.kind
+    if kind == "tokens":
+        kind += f", {adapter.layout.num_prefix_tokens} prefix tokens"
     return {
         "name": name,
         "status": "resolved",
-        "detail": f"{adapter.feature_name} ({adapter.layout.kind}"
-        + (
-            f", {adapter.layout.num_prefix_tokens} prefix tokens"
-            if adapter.layout.kind == "tokens"
-            else ""
-        )
-        + f") -> {tuple(res.maps.shape[-2:])} map at {size[1]}x{size[2]}",
-        "residual": float(res.identity_residual().abs().max()),
+        "detail": f"features: {adapter.feature_name} ({kind})",
     }
 
 

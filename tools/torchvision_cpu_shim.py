@@ -18,6 +18,7 @@ not import torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import sys
@@ -56,14 +57,11 @@ class _TorchvisionFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
         if fullname != "torchvision":
             return None
-        try:
+        with contextlib.suppress(ValueError):
             sys.meta_path.remove(self)
-        except ValueError:
-            pass
-        try:
+        # never break the interpreter: on any failure fall back to the plain import
+        with contextlib.suppress(Exception):
             _prepare_torchvision()
-        except Exception:  # never break the interpreter: fall back to the plain import
-            pass
         return None
 
 
