@@ -55,7 +55,7 @@ def _check(name: str) -> dict[str, Any]:
             if "reproduces the model's logits only" not in reason and "does not pool" not in reason:
                 break
         except Exception as err:
-            reason, refused = f"{type(err).__name__}: {err}", False  # noqa: F841
+            reason, refused = f"{type(err).__name__}: {err}", False
     if adapter is None:
         if getattr(model, "global_pool", None) == "token":
             try:
@@ -64,11 +64,7 @@ def _check(name: str) -> dict[str, Any]:
                 reason = "CLS-token pooling as built; **resolves with `global_pool='avg'`**"
             except Exception:
                 pass
-        status = (
-            "refused"
-            if "cam_plugin.convert" in reason or "global_pool" in reason
-            else "not resolved"
-        )
+        status = "refused" if refused else "not resolved"
         return {"name": name, "status": status, "detail": reason[:240]}
     kind = adapter.layout.kind
     if kind == "tokens":
