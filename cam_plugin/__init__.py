@@ -35,27 +35,49 @@ __all__ = [
     "AdapterNotFoundError",
     "CAMInputError",
     "CAMResult",
+    "ClutteredDigits",
+    "WSOLMetrics",
     "FeatureCapture",
     "FeatureLayout",
     "FoldedHead",
     "UnsupportedHeadError",
     "__version__",
+    "box_iou",
+    "contour_boxes",
     "convert",
     "count_hooks",
     "discover",
+    "evaluate_wsol",
     "fold_head",
+    "masks",
     "minmax_normalize",
     "parse_targets",
     "register_adapter",
     "registered_adapters",
     "resolve",
+    "threshold_boxes",
+    "topk_boxes",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # modules added by later features load lazily so `import cam_plugin` stays light
-    if name == "convert":
-        from .convert import convert
+# names whose modules load on first use, so `import cam_plugin` stays light (no cv2, sklearn)
+_LAZY = {
+    "convert": "convert",
+    "threshold_boxes": "localize",
+    "contour_boxes": "localize",
+    "topk_boxes": "localize",
+    "masks": "localize",
+    "WSOLMetrics": "metrics",
+    "evaluate_wsol": "metrics",
+    "box_iou": "metrics",
+    "ClutteredDigits": "data",
+}
 
-        return convert
-    raise AttributeError(f"module 'cam_plugin' has no attribute {name!r}")
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cam_plugin' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)

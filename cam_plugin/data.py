@@ -97,11 +97,14 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
     * ``"mask"``: bool ``(S, S)``, the pixels of the digit(s);
     * ``"index"``: int, the sample index (a sample id for :class:`~cam_plugin.metrics.WSOLMetrics`).
 
-    Digits are scaled (bilinear) to a random side in ``digit_size`` and given a random
-    brightness in ``[0.7, 1]``. Clutter items (fragments of other-class digits, straight
-    strokes, arcs) get sizes and brightness from the same ranges; they are placed around the
-    digit (their centres outside its box), so they touch it but do not cover it. Gaussian
-    noise (``noise_std``) is added and the image clipped to ``[0, 1]``.
+    Digits are scaled (bilinear) to a random height in ``digit_size`` (width 80-100% of
+    it) and given a random peak brightness in ``[0.7, 1]``. Clutter items (crops of 50-80%
+    of each side of scaled digits of *other* classes, straight strokes, arcs) get sizes and
+    brightness from the same ranges. Each one touches a digit box with probability
+    ``touch_prob`` (overlapping one side by 10-30% of the item), otherwise it lies anywhere
+    with its centre outside the digit boxes. Gaussian noise (``noise_std``) is added and the
+    image clipped to ``[0, 1]``. On 200 test images (seed 0, defaults) the brightness map
+    gets MaxBoxAccV2 ~40 and MaxBoxAcc ~19, the ground-truth mask 100.
 
     Args:
         split: ``"train"`` or ``"test"`` (disjoint source digits).
@@ -113,6 +116,7 @@ class ClutteredDigits(Dataset[dict[str, Any]]):
         num_fragments: fragments of other digits per image.
         num_strokes: strokes and arcs per image.
         noise_std: standard deviation of the additive Gaussian pixel noise.
+        touch_prob: probability that a clutter item touches a digit's box.
         seed: seed of the generator (same seed, same samples).
         test_fraction: share of the 1797 source digits reserved for the test split.
         transform: optional callable applied to the image tensor.
