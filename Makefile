@@ -64,6 +64,20 @@ pytest:
 docs:
 	$(BIN)/mkdocs build --strict -q
 
+# speed + memory vs plain forward, torchcam, grad-cam, Captum; writes docs/benchmarks.md
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/speed.py
+
+# WSOL on cluttered digits: converted timm backbone, CAM vs GMP / Gaussian / brightness,
+# Choe et al.'s metrics, fixed steps and seeds; writes docs/wsol.md and docs/assets/wsol/
+bench-wsol: $(VENV)/.test
+	$(BIN)/python benchmarks/wsol_digits.py
+
+# CAM next to Captum's attributions: figures, time, infidelity, sensitivity_max, MaxBoxAccV2;
+# writes docs/cam-vs-captum.md, the bridge table of docs/captum.md and docs/assets/captum/
+compare: $(VENV)/.test
+	$(BIN)/python benchmarks/compare_captum.py
+
 wheel: $(VENV)/.test
 	$(BIN)/python -m build --wheel --outdir dist .
 

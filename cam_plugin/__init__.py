@@ -19,6 +19,7 @@ from typing import Any
 
 from .adapter import Adapter
 from .cam import CAM, parse_targets
+from .convert import convert  # eager: the submodule must not shadow the function
 from .discovery import discover
 from .errors import AdapterNotFoundError, CAMInputError, UnsupportedHeadError
 from .heads import FoldedHead, fold_head
@@ -34,6 +35,7 @@ __all__ = [
     "Adapter",
     "AdapterNotFoundError",
     "CAMInputError",
+    "CAMModule",
     "CAMResult",
     "ClutteredDigits",
     "WSOLMetrics",
@@ -48,6 +50,7 @@ __all__ = [
     "count_hooks",
     "discover",
     "evaluate_wsol",
+    "export_onnx",
     "fold_head",
     "masks",
     "minmax_normalize",
@@ -62,7 +65,6 @@ __all__ = [
 
 # names whose modules load on first use, so `import cam_plugin` stays light (no cv2, sklearn)
 _LAZY = {
-    "convert": "convert",
     "threshold_boxes": "localize",
     "contour_boxes": "localize",
     "topk_boxes": "localize",
@@ -71,6 +73,8 @@ _LAZY = {
     "evaluate_wsol": "metrics",
     "box_iou": "metrics",
     "ClutteredDigits": "data",
+    "CAMModule": "export",
+    "export_onnx": "export",
 }
 
 

@@ -34,7 +34,10 @@ moves the model too.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -50,7 +53,7 @@ from .hooks import FeatureCapture
 from .registry import resolve
 from .result import CAMResult, minmax_normalize
 
-__all__ = ["CAMModule", "TrunkSpec", "export_onnx"]
+__all__ = ["CAMModule", "TrunkSpec", "export_onnx", "keep_freed_memory"]
 
 TrunkSpec = Union[Literal["auto", "forward_features", "hook"], Callable[[Tensor], Tensor]]
 
@@ -145,8 +148,8 @@ class CAMModule(nn.Module):
         """Fold the head's *current* parameters again (after training or loading weights)."""
         head = self.adapter.fold()
         ref = self.cam_weight if self.cam_weight.numel() else head.weight
-        self.cam_weight = head.weight.detach().clone().to(ref.device)
-        self.cam_bias = head.bias.detach().clone().to(ref.device)
+        self.cam_weight = head.weight.detach().to(device=ref.device, dtype=ref.dtype).clone()
+        self.cam_bias = head.bias.detach().to(device=ref.device, dtype=ref.dtype).clone()
         if head.pre_weight is not None:
             self.register_buffer("cam_pre_weight", head.pre_weight.detach().clone(), False)
         if head.pre_bias is not None:
@@ -265,8 +268,15 @@ class CAMModule(nn.Module):
     def result(self, images: Tensor) -> CAMResult:
         """Eager convenience: the outputs of :meth:`forward` as a :class:`CAMResult`."""
         logits, maps, classes = self(images)
-        stages = [s for s, on in (("upsampled", self.upsample), ("relu", self.relu),
-                                  ("normalized", self.normalize)) if on]
+        stages = [
+            s
+            for s, on in (
+                ("upsampled", self.upsample),
+                ("relu", self.relu),
+                ("normalized", self.normalize),
+            )
+            if on
+        ]
         return CAMResult(
             maps=maps,
             logits=logits,
@@ -348,8 +358,12 @@ def export_onnx(
             program.save(target, external_data=False)
         else:
             axes = (
-                {"images": {0: "batch"}, "logits": {0: "batch"}, "maps": {0: "batch"},
-                 "classes": {0: "batch"}}
+                {
+                    "images": {0: "batch"},
+                    "logits": {0: "batch"},
+                    "maps": {0: "batch"},
+                    "classes": {0: "batch"},
+                }
                 if dynamic_batch
                 else None
             )
@@ -364,3 +378,39 @@ def export_onnx(
                 **names,  # type: ignore[arg-type]
             )
     return target
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
+    """Make glibc's ``malloc`` keep and reuse freed memory (opt-in, process-wide, Linux/glibc).
+
+    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a
+    fresh ``mmap`` and returns it on ``free``; a batch-16 ResNet-50 forward's activations are
+    such blocks, so each call faults in ~1.3 GB of new pages (~340k minor faults on the
+    benchmark machine). This calls ``mallopt(M_MMAP_MAX, 0)`` (large blocks come from the
+    heap) and ``mallopt(M_TRIM_THRESHOLD, trim_threshold)`` (freed heap memory is not handed
+    back below that size), the run-time equivalent of starting the process with
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>``. Repeated forwards then reuse their
+    pages (zero minor faults per call after the first); the price is that the process keeps
+    its peak RSS. Measured in ``docs/benchmarks.md``.
+
+    Args:
+        trim_threshold: bytes of free memory at the top of the heap kept before trimming.
+
+    Returns:
+        True when both options were set; False on a platform without glibc's ``mallopt``.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    trim = max(0, min(int(trim_threshold), 2**31 - 1))
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))

@@ -465,9 +465,7 @@ class _FrameTracer(TorchFunctionMode):
         for t in outs:
             same = []
             for src, fr in framed:
-                if t.dim() == src.dim() and fr.fits(t):
-                    same.append(fr)
-                elif (fr.dy, fr.dx) == (-2, -1) and fr.fits(t):
+                if fr.fits(t) and (t.dim() == src.dim() or (fr.dy, fr.dx) == (-2, -1)):
                     same.append(fr)
             if not same:
                 if t.dim() == 4 and name not in ("reshape", "view", "flatten", "unflatten"):
@@ -762,10 +760,10 @@ def feature_placement(
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            with FeatureCapture(adapter.feature_module, adapter.capture) as cap:
-                model(probe)
-                captured = cap.value
+        capture = FeatureCapture(adapter.feature_module, adapter.capture)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]), capture:
+            model(probe)
+            captured = capture.value
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -15,13 +15,16 @@ they are at that moment, in the order the caller chains them. The usual chain is
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import CAMInputError
+
+if TYPE_CHECKING:
+    from .placement import Placement
 
 __all__ = ["CAMResult", "minmax_normalize"]
 
@@ -53,6 +56,9 @@ class CAMResult:
         input_size: ``(H, W)`` of the images.
         exact: False for max-pooled heads (the identity does not hold).
         stage: ``"feature"``, or the operations applied since (``"upsampled"``, ...).
+        placement: where each feature cell sits on the image
+            (:class:`~cam_plugin.placement.Placement`), when known; ``upsample()`` then
+            centres every cell on its receptive field. ``None`` after upsampling.
     """
 
     maps: Tensor
@@ -62,6 +68,7 @@ class CAMResult:
     input_size: tuple[int, int]
     exact: bool = True
     stage: str = "feature"
+    placement: Optional[Placement] = None
 
     @property
     def valid(self) -> Tensor:
@@ -90,14 +97,52 @@ class CAMResult:
         size: Optional[tuple[int, int]] = None,
         mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear",
         align_corners: Optional[bool] = False,
+        placement: Union[Placement, Literal["auto", "bilinear"], None] = "auto",
     ) -> CAMResult:
-        """Resize the maps, by default to the input size (bilinear, ``align_corners=False``)."""
+        """Resize the maps, by default to the input size.
+
+        Args:
+            size: ``(H, W)``; default the input size.
+            mode: interpolation (``"bilinear"``, ``"bicubic"``, ``"nearest"``).
+            align_corners: as in ``F.interpolate`` (plain upsampling only).
+            placement: where feature cell ``i`` goes: at input pixel ``o + s·i`` for a
+                :class:`~cam_plugin.placement.Placement` (a converted model's
+                ``placement(input_size)``, or :func:`cam_plugin.placement.feature_placement`),
+                resampled by :func:`cam_plugin.placement.place_maps` (``"bilinear"`` /
+                ``"nearest"``); ``"auto"`` (default) uses :attr:`placement` of this result
+                when it is known, else plain ``F.interpolate``; ``"bilinear"`` or ``None``:
+                plain ``F.interpolate`` (``align_corners=False`` puts cell ``i`` at
+                ``s·i + (s − 1)/2``, half a cell off for padded strided convolutions).
+        """
         target = tuple(size) if size is not None else self.input_size
         if len(target) != 2 or min(target) < 1:
             raise CAMInputError(f"upsample size must be (H, W) with H, W >= 1, got {size}")
+        if placement == "auto":
+            placement = self.placement
+        elif placement == "bilinear":
+            placement = None
+        elif placement is not None and not hasattr(placement, "offset"):
+            raise CAMInputError(
+                f"placement must be a cam_plugin.placement.Placement, 'auto', 'bilinear' or "
+                f"None; got {placement!r}"
+            )
+        if placement is not None:
+            from .placement import place_maps
+
+            if mode == "bicubic":
+                raise CAMInputError("placed upsampling supports mode 'bilinear' or 'nearest'")
+            sy, sx = (t / i for t, i in zip(target, self.input_size))
+            scaled = type(placement)(
+                (placement.stride[0] * sy, placement.stride[1] * sx),
+                ((placement.offset[0] + 0.5) * sy - 0.5, (placement.offset[1] + 0.5) * sx - 0.5),
+                source=placement.source,
+                disagreement=placement.disagreement,
+            )
+            maps = place_maps(self.maps, target, scaled, mode=mode)  # type: ignore[arg-type]
+            return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
         ac = None if mode == "nearest" else align_corners
         maps = F.interpolate(self.maps, size=target, mode=mode, align_corners=ac)
-        return replace(self, maps=maps, stage=self._after("upsampled"))
+        return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
 
     def normalize(self) -> CAMResult:
         """Min-max scale every map to ``[0, 1]`` (constant map -> zeros)."""
