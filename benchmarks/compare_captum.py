@@ -32,6 +32,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -856,4 +857,6 @@ def write_tables(report: dict[str, Any], cfg: Config) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # Captum notes, for every gradient method, that it set requires_grad on the inputs
+    warnings.filterwarnings("ignore", message="Input Tensor .* did not already require grad")
     sys.exit(main())

@@ -39,6 +39,6 @@ def test_short_benchmark_cam_beats_centred_prior(bench, tmp_path: Path) -> None:
     md.write_text("# t\n\n<!-- wsol-table:start -->\nold\n<!-- wsol-table:end -->\ntail\n")
     bench.write_docs(report, md)
     text = md.read_text()
-    assert "old" not in text and "| CAM, GAP (centred) |" in text and text.endswith("tail\n")
+    assert "\nold\n" not in text and "| CAM, GAP (centred) |" in text and text.endswith("tail\n")
     bench.picture(report, tmp_path / "grid.png", 3)
     assert (tmp_path / "grid.png").stat().st_size > 1000
