@@ -350,10 +350,12 @@ def summary(report: dict[str, Any]) -> str:
     parts = [
         table(report),
         "",
-        f"Backbone: `{bb['model']}` cut at `{bb['stage']}` (map {bb['map_size'][0]}x"
+        f"Backbone: `{bb['model']}` (timm, `{cfg.get('model_kwargs') or '{}'}`) cut at "
+        f"`{bb['stage']}` (map {bb['map_size'][0]}x"
         f"{bb['map_size'][1]}, {bb['channels']} channels) on {cfg['canvas']}x{cfg['canvas']} "
-        f"canvases with {cfg['fragments']} digit fragments and {cfg['strokes']} strokes of "
-        f"clutter; trained from {'ImageNet weights' if cfg['pretrained_lite0'] else 'scratch'}"
+        f"canvases with {cfg.get('fragments', 4)} digit fragments and "
+        f"{cfg.get('strokes', 3)} strokes of clutter; trained from "
+        f"{'ImageNet weights' if cfg['pretrained_lite0'] else 'scratch'}"
         f" for {cfg['steps']} steps of {cfg['batch']} images ({cfg['train_size']} training "
         f"images), evaluated on {cfg['test_size']} test images (digits never seen in "
         f"training), seed {cfg['seed']}, threshold step {cfg['cam_curve_interval']}."
@@ -374,6 +376,24 @@ def summary(report: dict[str, Any]) -> str:
         parts.append(
             f"MaxBoxAccV2 margin of CAM (GAP, centred) over the best non-learned baseline: "
             f"{rows['gap_centred']['MaxBoxAccV2'] - best_base:+.1f} points."
+        )
+    deltas = []
+    for pool, label in (("gap", "GAP"), ("gmp", "GMP")):
+        c, b = rows.get(f"{pool}_centred"), rows.get(f"{pool}_bilinear")
+        if c and b:
+            deltas.append(
+                f"{label} MaxBoxAccV2 {c['MaxBoxAccV2'] - b['MaxBoxAccV2']:+.1f} "
+                f"(IoU 0.7: {c['MaxBoxAccV2@70'] - b['MaxBoxAccV2@70']:+.1f}), "
+                f"MaxBoxAcc {c['MaxBoxAcc'] - b['MaxBoxAcc']:+.1f}, "
+                f"PxAP {c['PxAP'] - b['PxAP']:+.1f}"
+            )
+    if deltas:
+        parts.append("Centred minus bilinear placement: " + "; ".join(deltas) + ".")
+    if "gap_centred" in rows and "gmp_centred" in rows:
+        parts.append(
+            "GAP minus GMP (centred), MaxBoxAccV2: "
+            f"{rows['gap_centred']['MaxBoxAccV2'] - rows['gmp_centred']['MaxBoxAccV2']:+.1f} "
+            "points."
         )
     secs = ", ".join(
         f"{k.replace('_seconds', '')} {v:.0f} s"

@@ -107,7 +107,10 @@ class CAMModule(nn.Module):
             raise CAMInputError(f"topk must be a positive int or None (all classes), got {topk!r}")
         size: Optional[tuple[int, int]] = None
         if not isinstance(upsample, bool):
-            values = [int(v) for v in upsample]
+            try:
+                values = [int(v) for v in upsample]
+            except (TypeError, ValueError):
+                values = []
             if len(values) != 2 or min(values) < 1:
                 raise CAMInputError(
                     f"upsample must be a bool or (H, W) with H, W >= 1, got {upsample!r}"
@@ -240,6 +243,11 @@ class CAMModule(nn.Module):
         """One forward pass -> ``(logits, maps, classes)`` (see the class docstring)."""
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise CAMInputError("images must be a 4-D (B, C, H, W) tensor")
+        if self.model.training:
+            raise CAMInputError(
+                "the wrapped model is in train mode, so the folded head is not exact; call "
+                ".eval() on the CAMModule (or the model)"
+            )
         expected = self.adapter.input_size[0] if self.adapter.input_size else None
         if expected is not None and images.shape[1] != expected:
             raise CAMInputError(

@@ -202,6 +202,9 @@ def test_runs_under_no_grad_without_backward(
     assert not a.requires_grad and not b.requires_grad and b.grad_fn is None
     assert x.grad is None
     torch.testing.assert_close(a, b)
+    with torch.inference_mode():  # nothing in it needs autograd
+        c = cam.attribute(x.detach(), target=2)
+    torch.testing.assert_close(c, b)
 
 
 def test_target_forms_follow_captum(resnet: nn.Module, resnet_cam: ClassActivationMap) -> None:

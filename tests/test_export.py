@@ -126,6 +126,8 @@ def test_bad_options_are_refused(tiny_cnn: torch.nn.Module) -> None:
         CAMModule(tiny_cnn, topk=0)
     with pytest.raises(cp.CAMInputError, match="upsample"):
         CAMModule(tiny_cnn, upsample=(32,))
+    with pytest.raises(cp.CAMInputError, match="upsample"):
+        CAMModule(tiny_cnn, upsample=224)  # type: ignore[arg-type]
     with pytest.raises(cp.CAMInputError, match="trunk"):
         CAMModule(tiny_cnn, trunk="sideways")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="nn.Module"):
@@ -139,6 +141,10 @@ def test_bad_options_are_refused(tiny_cnn: torch.nn.Module) -> None:
     try:
         with pytest.raises(cp.CAMInputError, match="train mode"):
             CAMModule(tiny_cnn)
+        tiny_cnn.eval()
+        module.train()  # the wrapper's train() reaches the model: refused at call time
+        with pytest.raises(cp.CAMInputError, match="train mode"):
+            module(images(1, 32))
     finally:
         tiny_cnn.eval()
 

@@ -36,9 +36,10 @@ def test_short_benchmark_cam_beats_centred_prior(bench, tmp_path: Path) -> None:
     assert cam["accuracy"] > 10.0  # above chance: it learned from the image labels
     # the table, the docs block and the picture are written where asked
     md = tmp_path / "wsol.md"
-    md.write_text("# t\n\n<!-- wsol-table:start -->\nold\n<!-- wsol-table:end -->\ntail\n")
+    md.write_text("# t\n\n<!-- wsol-table:start -->\nSTALE\n<!-- wsol-table:end -->\ntail\n")
     bench.write_docs(report, md)
     text = md.read_text()
-    assert "\nold\n" not in text and "| CAM, GAP (centred) |" in text and text.endswith("tail\n")
+    assert "STALE" not in text and "| CAM, GAP (centred) |" in text
+    assert text.startswith("# t\n") and text.endswith("tail\n")
     bench.picture(report, tmp_path / "grid.png", 3)
     assert (tmp_path / "grid.png").stat().st_size > 1000
