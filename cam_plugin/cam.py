@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,9 @@ from .errors import CAMInputError, UnsupportedHeadError
 from .hooks import FeatureCapture
 from .registry import resolve
 from .result import CAMResult
+
+if TYPE_CHECKING:
+    from .placement import Placement
 
 __all__ = ["CAM", "Targets", "parse_targets"]
 
@@ -148,6 +151,12 @@ class CAM:
         verify: check ``mean_xy M_c + b_c == logit_c`` (via the pooled features) on every
             call and raise if the fold no longer matches the model.
         check_finite: reject inputs with NaN / inf.
+        placement: attach to every result where each feature cell sits on the input
+            (:class:`~cam_plugin.placement.Placement`, traced once per input size and
+            cached; a converted model's own :meth:`~cam_plugin.convert.CAMClassifier.placement`
+            when it has one), so that ``res.upsample()`` centres cell ``i`` on its receptive
+            field at ``o + s·i`` instead of plain bilinear's ``s·i + (s − 1)/2``. The first
+            call at a new input size then costs one extra traced forward pass.
 
     Use it as a context manager or call it directly; either way the forward hook lives only
     during each call and is removed even when the forward raises::
@@ -167,6 +176,7 @@ class CAM:
         differentiable: bool = False,
         verify: bool = True,
         check_finite: bool = True,
+        placement: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -180,6 +190,8 @@ class CAM:
         self.differentiable = differentiable
         self.verify = verify
         self.check_finite = check_finite
+        self.placement = bool(placement)
+        self._placements: dict[tuple[int, ...], Placement] = {}
         self._capture: Optional[FeatureCapture] = None
 
     def __enter__(self) -> CAM:
@@ -291,7 +303,22 @@ class CAM:
             bias=bias,
             input_size=hw,
             exact=adapter.exact,
+            placement=self._placement_for(images) if self.placement else None,
         )
+
+    def _placement_for(self, images: Tensor) -> Placement:
+        """The placement of the feature map for inputs of ``images``' size (cached)."""
+        key = tuple(int(v) for v in images.shape[1:])
+        if key not in self._placements:
+            own = getattr(self.model, "placement", None)
+            if callable(own) and hasattr(self.model, "cam_adapter"):
+                found = own(key)
+            else:
+                from .placement import feature_placement
+
+                found = feature_placement(self.model, key, adapter=self.adapter)
+            self._placements[key] = found
+        return self._placements[key]
 
     @staticmethod
     def _verify(adapter: Adapter, head: Any, features: Tensor, logits: Tensor) -> None:

@@ -26,8 +26,6 @@ are computed the same way but are not exact, and CAM refuses it unless asked exp
 from __future__ import annotations
 
 import copy as _copy
-import sys
-import types
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from .adapter import Adapter
 from .errors import CAMInputError, UnsupportedHeadError
@@ -448,15 +448,36 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+class _ParameterUse(TorchFunctionMode):
+    """Records the ids of every tensor passed to a torch function while active: a
+    parameter read directly by its owner's parent (``nn.MultiheadAttention`` passes
+    ``out_proj.weight`` to ``F.multi_head_attention_forward`` and never calls ``out_proj``)
+    shows up here although its module's ``forward`` never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[int] = set()
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Optional[dict[str, Any]] = None
+    ) -> Any:
+        leaves, _ = tree_flatten((args, kwargs or {}))
+        self.seen.update(id(v) for v in leaves if isinstance(v, Tensor))
+        return func(*args, **(kwargs or {}))
+
+
 def _prune_unused(trunk: nn.Module, x: Tensor) -> tuple[str, ...]:
-    """Replace every module with parameters that the probe forward never calls by
-    ``nn.Identity`` (classifiers, auxiliary heads): only what computes the map trains."""
+    """Replace every module with parameters that the probe forward neither calls nor
+    reads a parameter of by ``nn.Identity`` (classifiers, auxiliary heads): only what
+    computes the map trains."""
     called: set[int] = set()
     handles = []
     for m in trunk.modules():
         handles.append(m.register_forward_pre_hook(lambda mod, args: called.add(id(mod))))
+    use = _ParameterUse()
     try:
-        _probe(trunk, x)
+        with use:
+            _probe(trunk, x)
     finally:
         for h in handles:
             h.remove()
@@ -466,7 +487,8 @@ def _prune_unused(trunk: nn.Module, x: Tensor) -> tuple[str, ...]:
             continue
         if any(name.startswith(p + ".") for p in pruned):
             continue
-        if next(module.parameters(), None) is None:
+        params = list(module.parameters())
+        if not params or any(id(p) in use.seen for p in params):
             continue
         _set_child(trunk, name, nn.Identity())
         pruned.append(name)
@@ -955,16 +977,3 @@ def convert(
         classifier.to(device=ref.device)
     classifier.train(was_training)
     return classifier
-
-
-class _ConvertModule(types.ModuleType):
-    """``cam_plugin.convert`` is both this module and the function: importing the submodule
-    (``from cam_plugin.convert import CAMClassifier``) rebinds the package attribute
-    ``cam_plugin.convert`` to the module, so the module forwards calls to :func:`convert` and
-    ``cam_plugin.convert(backbone, num_classes)`` works either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> CAMClassifier:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _ConvertModule

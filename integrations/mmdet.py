@@ -55,7 +55,6 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmengine.dataset import BaseDataset
 from mmengine.dist import (
     all_reduce,
     broadcast_object_list,
@@ -78,6 +77,8 @@ from cam_plugin.localize import threshold_boxes
 from cam_plugin.registry import register_adapter
 from cam_plugin.result import minmax_normalize
 from cam_plugin.viz import draw_box, overlay
+
+from .mmengine import ClutteredDigitsBase
 
 __all__ = [
     "CAMProbe",
@@ -1224,7 +1225,7 @@ class CAMProbeHook(Hook):
 
 
 @DATASETS.register_module()
-class ClutteredDigitsDetection(BaseDataset):
+class ClutteredDigitsDetection(ClutteredDigitsBase):
     """Several handwritten digits per image in clutter, as an mmdet-style detection set.
 
     Built on :class:`cam_plugin.data.ClutteredDigits` (``digits_per_image`` non-overlapping
@@ -1286,26 +1287,19 @@ class ClutteredDigitsDetection(BaseDataset):
         max_refetch: int = 1000,
         **digits: Any,
     ) -> None:
-        from cam_plugin.data import ClutteredDigits
-
-        lo, hi = (int(v) for v in digit_size)
-        self.digits = ClutteredDigits(
-            split,  # type: ignore[arg-type]
-            length,
-            canvas_size=canvas_size,
-            digit_size=(lo, hi),
-            digits_per_image=digits_per_image,
-            seed=seed,
-            **digits,
-        )
         self.with_annotations = bool(with_annotations)
         super().__init__(
-            ann_file="",
-            serialize_data=False,
-            pipeline=list(pipeline),
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
+            split,
+            length,
+            canvas_size,
+            digit_size,
+            seed,
+            pipeline,
+            test_mode,
+            lazy_init,
+            max_refetch,
+            digits_per_image=digits_per_image,
+            **digits,
         )
 
     def load_data_list(self) -> list[dict]:
@@ -1316,8 +1310,7 @@ class ClutteredDigitsDetection(BaseDataset):
     def get_data_info(self, idx: int) -> dict:
         """Render image ``idx`` as an mmdet data info (see the class doc)."""
         info = super().get_data_info(idx)
-        image, boxes, labels, _ = self.digits.render(int(info["img_id"]))
-        img = np.repeat((image * 255.0 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+        img, boxes, labels = self.render(info["img_id"])
         size = (int(img.shape[0]), int(img.shape[1]))
         info.update(img=img, img_shape=size, ori_shape=size)
         instances = []

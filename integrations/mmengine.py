@@ -73,6 +73,7 @@ from cam_plugin.viz import draw_box, overlay
 __all__ = [
     "CAMLocalizationMetric",
     "CAMVisualizationHook",
+    "ClutteredDigitsBase",
     "ClutteredDigitsDataset",
     "cam_maps_to_image",
     "find_boxes",
@@ -932,8 +933,58 @@ def _to_inclusive(boxes: np.ndarray, convention: str, height: int, width: int) -
 # ----------------------------------------------------------------------------- the data set
 
 
+class ClutteredDigitsBase(BaseDataset):
+    """What the digits data sets for mmengine (classification) and mmdet (detection) share:
+    a :class:`cam_plugin.data.ClutteredDigits` generator as ``self.digits``, no annotation
+    file, samples rendered on access. Subclasses give ``load_data_list`` and
+    ``get_data_info``; :meth:`render` returns one sample's image as OpenMMLab expects it
+    (HWC uint8, grey in three channels) with its boxes (inclusive pixel edges) and labels."""
+
+    def __init__(
+        self,
+        split: str,
+        length: Optional[int],
+        canvas_size: int,
+        digit_size: Sequence[int],
+        seed: int,
+        pipeline: Sequence[Union[dict, Any]],
+        test_mode: bool,
+        lazy_init: bool,
+        max_refetch: int,
+        metainfo: Optional[dict] = None,
+        **digits: Any,
+    ) -> None:
+        from cam_plugin.data import ClutteredDigits
+
+        lo, hi = (int(v) for v in digit_size)
+        self.digits = ClutteredDigits(
+            split,  # type: ignore[arg-type]
+            length,
+            canvas_size=canvas_size,
+            digit_size=(lo, hi),
+            seed=seed,
+            **digits,
+        )
+        super().__init__(
+            ann_file="",
+            metainfo=metainfo,
+            serialize_data=False,
+            pipeline=list(pipeline),
+            test_mode=test_mode,
+            lazy_init=lazy_init,
+            max_refetch=max_refetch,
+        )
+
+    def render(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(img, boxes, labels)`` of sample ``index``: ``img`` HWC uint8, ``boxes``
+        ``(n, 4)`` inclusive pixel edges ``[x0, y0, x1, y1]``, ``labels`` ``(n,)``."""
+        image, boxes, labels, _ = self.digits.render(int(index))
+        img = np.repeat((image * 255.0 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+        return img, boxes, labels
+
+
 @DATASETS.register_module()
-class ClutteredDigitsDataset(BaseDataset):
+class ClutteredDigitsDataset(ClutteredDigitsBase):
     """:class:`cam_plugin.data.ClutteredDigits` as an mmengine data set.
 
     Each data info is an mmpretrain-style dict: ``img`` (HWC uint8, grey in three channels),
@@ -975,26 +1026,19 @@ class ClutteredDigitsDataset(BaseDataset):
         max_refetch: int = 1000,
         **digits: Any,
     ) -> None:
-        from cam_plugin.data import ClutteredDigits
-
-        lo, hi = (int(v) for v in digit_size)
-        self.digits = ClutteredDigits(
-            split,  # type: ignore[arg-type]
-            length,
-            canvas_size=canvas_size,
-            digit_size=(lo, hi),
-            seed=seed,
-            **digits,
-        )
         self.with_boxes = bool(with_boxes)
         super().__init__(
-            ann_file="",
+            split,
+            length,
+            canvas_size,
+            digit_size,
+            seed,
+            pipeline,
+            test_mode,
+            lazy_init,
+            max_refetch,
             metainfo=dict(with_boxes=self.with_boxes),
-            serialize_data=False,
-            pipeline=list(pipeline),
-            test_mode=test_mode,
-            lazy_init=lazy_init,
-            max_refetch=max_refetch,
+            **digits,
         )
 
     def load_data_list(self) -> list[dict]:
@@ -1004,8 +1048,7 @@ class ClutteredDigitsDataset(BaseDataset):
     def get_data_info(self, idx: int) -> dict:
         """Render sample ``idx`` as an mmpretrain-style data info dict."""
         info = super().get_data_info(idx)
-        image, boxes, labels, _ = self.digits.render(int(info["index"]))
-        img = np.repeat((image * 255.0 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+        img, boxes, labels = self.render(info["index"])
         size = (int(img.shape[0]), int(img.shape[1]))
         info.update(img=img, img_shape=size, ori_shape=size, gt_label=int(labels[0]))
         if self.with_boxes:

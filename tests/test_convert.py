@@ -98,6 +98,39 @@ def test_timm_full_model_drops_its_head_and_unused_layers() -> None:
     assert all(torch.equal(before[k], v) for k, v in src.state_dict().items())
 
 
+class ConvAttention(nn.Module):
+    """A conv stem, then self-attention over its positions with nn.MultiheadAttention
+    (which reads ``out_proj.weight`` without calling ``out_proj``), then an unused head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=4, padding=1)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.aux_head = nn.Linear(16, 5)  # never runs in forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.stem(x)
+        b, c, h, w = f.shape
+        t = f.flatten(2).transpose(1, 2)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_parameters_read_without_a_call_are_kept() -> None:
+    torch.manual_seed(0)
+    src = ConvAttention().eval()
+    x = images(2, SIZE)
+    with torch.no_grad():
+        expected = src(x)
+    model = cp.convert(src, 4, input_size=(3, SIZE, SIZE))
+    assert model.info.pruned == ("aux_head",)
+    assert "backbone.attn.out_proj.weight" in model.state_dict()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(x), expected)
+    assert_identity(_cam(model, x))
+
+
 def test_timm_features_only_selects_stage() -> None:
     torch.manual_seed(0)
     fo = small_resnet18(features_only=True, out_indices=(2, 3))

@@ -132,6 +132,28 @@ BACKBONES = {
         ),
         3,
     ),
+    # PVT's attention is mmcv's wrapper of nn.MultiheadAttention, which reads
+    # out_proj.weight without calling out_proj: conversion must keep it.
+    "PVT": (
+        dict(
+            type="PyramidVisionTransformer",
+            embed_dims=16,
+            num_layers=[1, 1, 1, 1],
+            num_heads=[1, 2, 4, 8],
+            out_indices=(0, 1, 2, 3),
+        ),
+        3,
+    ),
+    "PVTv2": (
+        dict(
+            type="PyramidVisionTransformerV2",
+            embed_dims=16,
+            num_layers=[1, 1, 1, 1],
+            num_heads=[1, 2, 4, 8],
+            out_indices=(0, 1, 2, 3),
+        ),
+        2,
+    ),
     "CSPDarknet": (
         dict(type="CSPDarknet", deepen_factor=0.33, widen_factor=0.25, out_indices=(2, 3, 4)),
         1,

@@ -156,6 +156,33 @@ def test_converted_model_placement() -> None:
     assert model.placement((3, 64, 64)) is p  # cached per size
 
 
+def test_cam_attaches_the_placement_when_asked() -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = images(2, 64)
+    with cp.CAM(model) as cam:
+        plain = cam(x)
+    assert plain.placement is None
+    with cp.CAM(model, placement=True) as cam:
+        res = cam(x)
+        again = cam(images(1, 64))
+        bigger = cam(images(1, 96))
+    # a hand count for torchvision's ResNet: every 3x3/2 (pad 1), 7x7/2 (pad 3) and
+    # 3x3/2 max pool (pad 1) keeps the centre of cell 0 at pixel 0, so c(i) = 32 i
+    assert res.placement == Placement((32.0, 32.0), (0.0, 0.0), source="traced")
+    assert again.placement is res.placement and bigger.placement is not None
+    torch.testing.assert_close(res.maps, plain.maps)
+    torch.testing.assert_close(res.upsample().maps, place_maps(res.maps, (64, 64), res.placement))
+    assert not torch.allclose(res.upsample().maps, plain.upsample().maps)
+    assert cp.count_hooks(model) == 0
+    # a converted model's own (cached) placement is used
+    conv = cp.convert(timm.create_model("resnet18"), 3, stage=2, input_size=(3, 64, 64)).eval()
+    with cp.CAM(conv, placement=True) as cam:
+        assert cam(x).placement is conv.placement((64, 64))
+
+
 def test_lost_frame_falls_back_to_half_pixel() -> None:
     import timm
 
