@@ -31,6 +31,7 @@ from cam_plugin.integrations.mmdet import (  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
+from mmengine.registry import DefaultScope  # noqa: E402
 from mmengine.runner import BaseLoop, Runner  # noqa: E402
 
 import cam_plugin as cp  # noqa: E402
@@ -113,6 +114,13 @@ def test_maps_to_original_crops_unflips_and_rescales() -> None:
 
 # ----------------------------------------------------------------------------- converted backbones
 
+
+def build_mmdet(cfg: dict) -> torch.nn.Module:
+    """Build from mmdet's registry whatever default scope an earlier test's Runner left."""
+    with DefaultScope.overwrite_default_scope("mmdet"):
+        return MODELS.build(cfg)
+
+
 BACKBONES = {
     "ResNet-18": (dict(type="ResNet", depth=18, out_indices=(0, 1, 2, 3)), 2),
     "ResNet-18-out3": (dict(type="ResNet", depth=18, out_indices=(3,)), -1),
@@ -165,7 +173,7 @@ BACKBONES = {
 def test_converted_mmdet_backbone_is_exact(name: str) -> None:
     cfg, stage = BACKBONES[name]
     torch.manual_seed(0)
-    backbone = MODELS.build(cfg)
+    backbone = build_mmdet(cfg)
     backbone.eval()
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -187,7 +195,7 @@ def test_converted_mmdet_backbone_is_exact(name: str) -> None:
 
 
 def test_mmdet_models_refused_with_the_two_routes() -> None:
-    backbone = MODELS.build(dict(type="ResNet", depth=18))
+    backbone = build_mmdet(dict(type="ResNet", depth=18))
     with pytest.raises(UnsupportedHeadError, match=r"convert\(.*CAMProbeHook"):
         cp.CAM(backbone)
 
@@ -220,9 +228,7 @@ def test_converted_mmdet_resnet18_localizes_digits() -> None:
     x, y, _ = _digits("train", steps * batch, **kw)
     xt, yt, boxes = _digits("test", 160, **kw)
     torch.manual_seed(0)
-    backbone = MODELS.build(
-        dict(type="ResNet", depth=18, out_indices=(0, 1, 2, 3), norm_eval=False)
-    )
+    backbone = build_mmdet(dict(type="ResNet", depth=18, out_indices=(0, 1, 2, 3), norm_eval=False))
     model = convert(backbone, 10, stage=1, input_size=(3, 48, 48), copy=False)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)

@@ -182,7 +182,8 @@ def test_run_draws_overlays_and_logs_localization_scores(digits_run: dict[str, A
 def test_maps_in_the_samples_are_the_exact_cam(digits_run: dict[str, Any]) -> None:
     """The ``cam_maps`` the hook attached equal ``cam_plugin.CAM`` on the preprocessed batch."""
     cfg = Config.fromfile(str(digits_run["config"]))
-    model = MODELS.build(cfg.model)
+    with DefaultScope.overwrite_default_scope("mmpretrain"):
+        model = MODELS.build(cfg.model)
     model.load_state_dict(torch.load(digits_run["checkpoint"])["state_dict"])
     model.eval()
     dataset = DATASETS.build(cfg.val_dataloader.dataset)

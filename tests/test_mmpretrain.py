@@ -6,6 +6,7 @@ import mmpretrain.models  # noqa: F401  (registers the models)
 import pytest
 import torch
 from helpers import assert_identity, images, randomize_head
+from mmengine.registry import DefaultScope
 from mmpretrain.registry import MODELS
 from torch import nn
 
@@ -24,7 +25,9 @@ def build(**overrides: object) -> nn.Module:
     )
     cfg.update(overrides)
     torch.manual_seed(0)
-    model = MODELS.build(cfg)
+    # whatever default scope an earlier test's Runner left (mmdet's has no ImageClassifier)
+    with DefaultScope.overwrite_default_scope("mmpretrain"):
+        model = MODELS.build(cfg)
     model.eval()  # mmpretrain's ResNet.train() returns None: no chaining
     return randomize_head(model)
 
