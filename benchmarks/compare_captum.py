@@ -65,7 +65,7 @@ class Config:
     square: int = 48
     sens_samples: int = 3
     sens_radius: float = 0.02
-    sens_photos: int = 3
+    sens_photos: int = 2
     figures: tuple[str, ...] = ("chelsea", "coffee", "astronaut")
     threads: int = 2
     seed: int = 0
@@ -128,14 +128,14 @@ def preprocess(img: np.ndarray, size: int) -> tuple[Tensor, np.ndarray]:
 
 
 def timed(fn: Callable[[], Tensor], budget: float = 1.0, most: int = 5) -> tuple[Tensor, float]:
-    """The result of ``fn()`` and its wall time: the fastest of 3 to ``most`` calls for a
-    method faster than ``budget`` seconds (more calls while their total stays under 3 x
-    ``budget``), one call for anything slower. On a shared machine single calls stall now
-    and then (threads descheduled at a barrier); the minimum filters that out, as
-    ``timeit`` does."""
+    """The result of ``fn()`` and its wall time: the fastest of at least 2 calls, and of 3
+    to ``most`` calls (while their total stays under 3 x ``budget``) for a method faster than
+    ``budget`` seconds. On a shared machine single calls stall now and then (threads
+    descheduled at a barrier: ten times slower for a second or more); the minimum filters
+    that out, as ``timeit`` does."""
     best, spent, calls = float("inf"), 0.0, 0
     out: Optional[Tensor] = None
-    while calls < most and (calls == 0 or (best < budget and (calls < 3 or spent < 3 * budget))):
+    while calls < most and (calls < 2 or (best < budget and (calls < 3 or spent < 3 * budget))):
         t0 = time.perf_counter()
         out = fn()
         dt = time.perf_counter() - t0
@@ -429,8 +429,8 @@ def photos_table(report: dict[str, Any], cfg: Config) -> str:
         f"Model: `tf_efficientnet_lite0` with its real ImageNet weights, {cfg.size}x{cfg.size} "
         f"centre crops of {len(cfg.photos)} scikit-image photos, top-1 class ({classes}). "
         f"Wall time on {cfg.threads} CPU threads, median over the photos, measured in this run "
-        f"after one untimed warm-up call of each method; a method faster than 1 s is timed "
-        f"as the fastest of 3 to 5 calls, a slower one by one call. The machine was shared "
+        f"after one untimed warm-up call of each method, as the fastest of 2 calls (of 3 to "
+        f"5 calls for a method faster than 1 s). The machine was shared "
         f"with other jobs: read ratios, not absolute times. IntegratedGradients: "
         f"{cfg.ig_steps} steps from a zero (mid-grey) baseline; Occlusion: {cfg.occlusion_window}x"
         f"{cfg.occlusion_window} window, stride {cfg.occlusion_stride}, zero baseline; Saliency: "
@@ -543,6 +543,10 @@ def run_digits(cfg: Config) -> Optional[dict[str, Any]]:
     labels = test["label"]
     with torch.no_grad():
         preds = model(x_all).argmax(1)
+    from cam_plugin.integrations.captum import ClassActivationMap
+
+    cam_map = ClassActivationMap(model).attribute(x_all[:1], target=labels[:1])
+    map_size = f"{cam_map.shape[-2]}x{cam_map.shape[-1]}"
     acc = float((preds == labels).float().mean() * 100)
     batch = 20
     for fn in methods.values():  # one untimed warm-up call each, as for the photos
@@ -572,6 +576,7 @@ def run_digits(cfg: Config) -> Optional[dict[str, Any]]:
     return {
         "results": results,
         "accuracy": acc,
+        "map_size": map_size,
         "config": asdict(wcfg),
         "final_loss": stats.get("final_loss"),
         "train_seconds": stats.get("train_seconds"),
@@ -603,8 +608,11 @@ def digits_table(report: Optional[dict[str, Any]], cfg: Config) -> str:
     c = report["config"]
     lines += [
         "",
-        f"Model: the localization benchmark's `{c['model']}` converted with "
-        f"`cam_plugin.convert` (cut at stage {c['stage']}, GAP + linear), trained with that "
+        f"Model: the localization benchmark's `{c['model']}`"
+        + (f" (`{c['model_kwargs']}`)" if c.get("model_kwargs") else "")
+        + f" converted with `cam_plugin.convert` (cut at stage {c['stage']}"
+        + (f", extra {c['extra_conv']}-unit conv" if c.get("extra_conv") else "")
+        + f", GAP + linear; CAM map {report.get('map_size', '?')}), trained with that "
         f"benchmark's own recipe and code for {c['steps']} steps of {c['batch']} images "
         f"({c['train_size']} training images; trained once and kept in "
         f"`{report['checkpoint']}`); classification accuracy {report['accuracy']:.1f}% on the "

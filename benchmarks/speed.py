@@ -1,25 +1,30 @@
 """Speed and memory of cam-plugin's CAM against a plain forward pass, torchcam, pytorch-grad-cam
 and Captum, plus the bulk fast path (channels_last, torch.compile, ONNX Runtime).
 
-    python benchmarks/speed.py                    # the full run of `make bench` (~10 min, CPU)
-    python benchmarks/speed.py --device cuda      # the same on a GPU (CUDA events + sync)
+    python benchmarks/speed.py                  # `make bench`: ~13 min on 2 CPU threads
+    python benchmarks/speed.py --device cuda    # the same on a GPU (CUDA events + sync)
     python benchmarks/speed.py --smoke --out-dir /tmp/bench   # batch 2, tiny model (tests)
 
 How it measures (see docs/benchmarks.md):
 
 * This parent process never imports torch. Every measurement runs in a fresh child
-  interpreter: one *timing* child per (model, batch, allocator setting), one *memory* child per
-  (model, batch, method), one *fast-path* child per model. glibc reads ``MALLOC_MMAP_MAX_``
-  only at start-up, so the allocator setting is given to the child's environment, and peak
-  RSS is not inherited from a parent that already holds torch.
+  interpreter: two *timing* children per (model, batch, allocator setting) (the autograd
+  methods apart, see ``GROUPS``), one *tensor-memory* child per (model, batch), one *RSS*
+  child per (model, method) at the largest batch, one *fast-path* child per (model,
+  allocator). glibc reads ``MALLOC_MMAP_MAX_`` only at start-up, so the allocator setting is
+  given to the child's environment, and peak RSS is not inherited from a parent that
+  already holds torch.
 * Same model, inputs, thread count and dtype for every method. Warm-up rounds, then rounds
   in which every method runs once, in rotating order (A B C … then B C … A), so that drift
   on a shared machine hits all methods alike. Reported: median and min–max of the wall time,
-  and the median over rounds of the time divided by the same round's plain forward.
-* Peak memory: in its own child, after set-up (imports, model, inputs, extractor), the
-  kernel's peak-RSS mark is reset (``/proc/self/clear_refs``; ``ru_maxrss`` where that is not
-  allowed) and the method runs twice; reported is the peak over those calls minus the RSS
-  before them, next to the same for a plain forward. On CUDA: ``torch.cuda.max_memory_allocated``.
+  and the median over rounds of the time divided by the same round's plain forward; the
+  targets "A / B" are medians of per-round A / B within one child.
+* Peak memory: the peak of live tensor bytes during one call (torch's profiler,
+  deterministic), and the peak RSS in a child per method: after set-up (imports, model,
+  inputs, extractor) the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``;
+  ``ru_maxrss`` where that is not allowed) and the method runs twice; reported is the peak
+  over those calls minus the RSS before them, the forward's in several children for the
+  noise band. On CUDA: ``torch.cuda.max_memory_allocated``.
 * Agreement, checked before any timing: cam-plugin's top-1 map at feature resolution against
   torchcam's ``CAM(normalized=False)`` and against Captum's ``LayerGradCam`` (× h·w, which is
   CAM for a GAP network) to 1e-4 × the map's max magnitude; pytorch-grad-cam's ``GradCAM``
@@ -536,16 +541,13 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 def _tensor_peak_bytes(torch: Any, fn: Callable[[], Any]) -> int:
     """Peak of the bytes held by live tensors during one call of ``fn``, over what was live
-    before it: torch's profiler records every allocation and free of the CPU (or CUDA)
+    before it: torch's profiler records every allocation and free of the CPU
     allocator with its size and time, so the running sum of those events peaks at it. Unlike
     RSS it does not depend on how glibc reuses or returns freed pages, and it is the same
     from run to run."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, profile_memory=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -563,11 +565,23 @@ def worker_tensors(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args.model, args.batch, args.device, args.threads)
     methods = bench.methods(args.memory_methods)
     out: dict[str, Any] = {}
+    torch = bench.torch
+    cuda = args.device.startswith("cuda")
     for name, fn in methods.items():
         fn()  # lazy imports, first-call caches
         gc.collect()
-        out[name] = {"peak_mib": _tensor_peak_bytes(bench.torch, fn) / 2**20}
-    return {"how": "torch profiler, peak of live tensor bytes during one call", "methods": out}
+        if cuda:  # the caching allocator's own statistics
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = _tensor_peak_bytes(torch, fn)
+        out[name] = {"peak_mib": peak / 2**20}
+    how = "cuda max_memory_allocated" if cuda else "torch profiler, live tensor bytes"
+    return {"how": how + ", peak during one call over what was live before", "methods": out}
 
 
 def worker_fast(args: argparse.Namespace) -> dict[str, Any]:
