@@ -292,6 +292,8 @@ class CAM:
         if classes is None:
             classes = torch.arange(num_classes, device=logits.device).expand(logits.shape[0], -1)
         bias = head.class_bias(classes.clamp_min(0)).to(maps.dtype)
+        if not self.differentiable:
+            bias = bias.detach()  # computed outside no_grad: no graph into the host's head
         if bool((classes < 0).any()):
             keep = classes >= 0
             maps = maps * keep[:, :, None, None]

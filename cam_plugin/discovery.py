@@ -215,6 +215,8 @@ def discover(
         )
     last = leaves[trunk_end]
     out_t = _first_tensor(last.out)
+    # candidate feature tensors, the first that pools to the head's input wins
+    candidates: list[Tensor] = []
     if _pooled(out_t):
         pool_call: Optional[_Call] = last
         feats = last.inp
@@ -226,8 +228,19 @@ def discover(
         head_calls = leaves[trunk_end + 1 :]
         first_in = head_calls[0].inp if head_calls else logits
         target = first_in.flatten(1) if isinstance(first_in, Tensor) else None
+        # the pool is functional, and functional code may also finish the feature map
+        # after the last spatial leaf (a residual block's `shortcut + drop_path(x)`): the
+        # outputs of the enclosing modules that complete before the head are candidates
+        start = next(i for i, c in enumerate(calls) if c is last)
+        stop = next((i for i, c in enumerate(calls) if head_calls and c is head_calls[0]), None)
+        for c in calls[start + 1 : stop if stop is not None else len(calls)]:
+            t = _first_tensor(c.out)
+            new = t is not None and t is not feats and all(t is not o for o in candidates)
+            if new and c.module is not model and _spatial(t):
+                candidates.append(t)  # type: ignore[arg-type]
     if feats is None or target is None:
         raise AdapterNotFoundError("could not read the feature map and the pooled vector")
+    candidates.insert(0, feats)
 
     # 2. fold the head (names the first non-affine module)
     k_pooled = target.shape[1]
@@ -241,7 +254,20 @@ def discover(
             f"{err} (probe: feature map from '{last.name}', then {_describe(head_calls)})"
         ) from None
 
-    # 3. which module gives the feature tensor, and which layout pools it to the target
+    # 3. which tensor and layout pool to the target (the last spatial leaf's first, then
+    # what encloses it), and which module gives that tensor
+    layout: Optional[FeatureLayout] = None
+    for cand_feats in candidates:
+        for cand in _layout_candidates(cand_feats, prefix_tokens, relu_first=False):
+            try:
+                pooled = cand.pool(cand_feats)
+            except (RuntimeError, IndexError):
+                continue
+            if _close(pooled, target):
+                layout, feats = cand, cand_feats
+                break
+        if layout is not None:
+            break
     producers = [c for c in calls if _first_tensor(c.out) is feats and c.module is not model]
     capture: CaptureKind
     if producers:
@@ -251,15 +277,6 @@ def discover(
         feature_module, feature_name, capture = pool_call.module, pool_call.name, "input"
     else:
         feature_module, feature_name, capture = last.module, last.name, "output"
-    layout: Optional[FeatureLayout] = None
-    for cand in _layout_candidates(feats, prefix_tokens, relu_first=False):
-        try:
-            pooled = cand.pool(feats)
-        except (RuntimeError, IndexError):
-            continue
-        if _close(pooled, target):
-            layout = cand
-            break
     if layout is None:
         where = (
             f"'{pool_call.name}' ({type(pool_call.module).__name__})"

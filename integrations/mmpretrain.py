@@ -285,6 +285,17 @@ def mmpretrain_adapter(model: nn.Module) -> Optional[Adapter]:
                 f"mmpretrain model {arch} pools with a {kind} neck, not a global average. "
                 "Use neck=dict(type='GlobalAveragePooling'). " + CONVERT_HINT
             )
+    out_type = getattr(backbone, "out_type", None)
+    if out_type in ("cls_token", "raw"):
+        # mmpretrain's ViT family (VisionTransformer, DeiT, EVA, ...): the head reads the
+        # CLS token by default; averaging the patch tokens is a config switch away
+        raise UnsupportedHeadError(
+            f"mmpretrain model {arch}: its {type(backbone).__name__} backbone has "
+            f"out_type={out_type!r}, so the head reads the class token (or the raw tokens), not "
+            "an average of the patch tokens, and CAM cannot be exact. Build it with "
+            "backbone=dict(..., out_type='avg_featmap') (then fine-tune the head) to get an "
+            "exact CAM. " + CONVERT_HINT
+        )
     return discover(model, input_size=model_input_size(model), name=f"mmpretrain:{arch}")
 
 

@@ -173,6 +173,47 @@ def test_generic_probe_refuses_functional_max_pool() -> None:
         cp.CAM(MaxPooled().eval(), input_size=(3, 16, 16))
 
 
+class ResidualLast(torch.nn.Module):
+    """The last block's output is finished by a functional add after its last module call,
+    the pool is functional: the map must be read from the block, not its last leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.block = Block()
+        self.norm = torch.nn.LayerNorm(8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.block(self.stem(x)).mean(dim=(2, 3))))
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_map_finished_after_the_last_module_call() -> None:
+    torch.manual_seed(0)
+    model = randomize_head(ResidualLast()).eval()
+    x = images(3, 16)
+    res = cp.CAM(model, input_size=(3, 16, 16))(x, targets="all")
+    assert res.maps.shape == (3, 5, 8, 8)
+    assert_identity(res)
+    with torch.no_grad():
+        f = model.block(model.stem(x))  # by hand, LayerNorm written out
+        pooled = f.mean(dim=(2, 3))
+        mu = pooled.mean(1)[:, None, None, None]
+        sigma = torch.sqrt(pooled.var(1, unbiased=False) + model.norm.eps)[:, None, None, None]
+        g = (f - mu) / sigma * model.norm.weight[None, :, None, None]
+        expected = torch.einsum("ck,bkhw->bchw", model.fc.weight, g)
+    torch.testing.assert_close(res.maps, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_bn1d_and_dropout_head_fold_exactly(tiny_cnn: torch.nn.Module) -> None:
     class BNHead(torch.nn.Module):
         def __init__(self) -> None:

@@ -96,6 +96,69 @@ def test_vit_with_and_without_a_gap_neck() -> None:
         assert res.maps.shape == (2, 2, 4, 4)
 
 
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        dict(type="ConvNeXt", arch="atto", drop_path_rate=0.1),
+        dict(type="ConvNeXt", arch="atto", use_grn=True, layer_scale_init_value=0.0),  # v2
+        dict(type="EdgeNeXt", arch="xxsmall"),
+        dict(type="TinyViT", arch="5m", img_size=(64, 64), window_size=[2, 2, 4, 2]),
+    ],
+    ids=["convnext", "convnext-v2", "edgenext", "tinyvit"],
+)
+def test_pool_then_norm_inside_the_backbone_is_exact(backbone: dict) -> None:
+    """These backbones average the last stage's output (itself finished by a functional
+    residual add after the last module call) and LayerNorm the pooled vector before the
+    head, all inside the backbone: the map is the stage's output, the LayerNorm is folded."""
+    channels = {"ConvNeXt": 320, "EdgeNeXt": 168, "TinyViT": 320}[backbone["type"]]
+    model = build(
+        backbone=dict(backbone, gap_before_final_norm=True, out_indices=[-1]),
+        neck=None,
+        head=dict(type="LinearClsHead", num_classes=7, in_channels=channels),
+    )
+    randomize_head(model)
+    norm = model.backbone.norm3
+    with torch.no_grad():  # a non-trivial LayerNorm, so the fold is tested
+        norm.weight.normal_(1.0, 0.5)
+        norm.bias.normal_(0.0, 0.5)
+    x = images(2, 64)
+    with cp.CAM(model) as cam:
+        res = cam(x, targets="all")
+    assert_identity(res)
+    assert "stages.3" in cam.adapter.name and "norm3" in cam.adapter.name
+    # by hand: the last stage's output f (a plain torch hook), the per-sample LayerNorm of
+    # its average written out, then the Linear: M_c = Σ_k w_ck γ_k (f_k − μ) / σ
+    seen: list[torch.Tensor] = []
+    handle = model.backbone.stages[-1].register_forward_hook(lambda m, a, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        handle.remove()
+    f = seen[0]
+    if f.dim() == 3:  # TinyViT's stages return tokens (B, h·w, K)
+        side = int(f.shape[1] ** 0.5)
+        f = f.transpose(1, 2).reshape(f.shape[0], -1, side, side)
+    pooled = f.mean(dim=(2, 3))
+    mu = pooled.mean(1)[:, None, None, None]
+    sigma = torch.sqrt(pooled.var(1, unbiased=False) + norm.eps)[:, None, None, None]
+    g = (f - mu) / sigma * norm.weight[None, :, None, None]
+    expected = torch.einsum("ck,bkhw->bchw", model.head.fc.weight, g)
+    torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(res.logits, logits)
+
+
+def test_vit_reading_the_class_token_is_refused_with_the_config_switch() -> None:
+    arch = dict(embed_dims=32, num_layers=1, num_heads=2, feedforward_channels=64)
+    model = build(
+        backbone=dict(type="VisionTransformer", arch=arch, img_size=32, patch_size=8),
+        neck=None,
+        head=dict(type="VisionTransformerClsHead", num_classes=7, in_channels=32),
+    )
+    with pytest.raises(UnsupportedHeadError, match="out_type='avg_featmap'"):
+        cp.resolve(model)
+
+
 def test_input_channels_come_from_the_data_preprocessor() -> None:
     model = build(
         backbone=dict(type="ResNet_CIFAR", depth=18, in_channels=1, base_channels=8),
