@@ -16,12 +16,12 @@ from typing import Any, Callable, Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .errors import CAMInputError
+from .errors import CONVERT_HINT, CAMInputError, UnsupportedHeadError
 from .heads import FoldedHead, fold_head
 from .hooks import CaptureKind
 from .layout import FeatureLayout
 
-__all__ = ["Adapter", "PoolKind"]
+__all__ = ["Adapter", "BranchAverageAdapter", "PoolKind"]
 
 PoolKind = Literal["avg", "max"]
 HeadSpec = Sequence[Union[nn.Module, tuple[str, nn.Module]]]
@@ -151,3 +151,36 @@ class Adapter:
         else:
             logits = head.logits(features)
         return logits, head.maps(features, classes)
+
+
+NamedModules = tuple[tuple[str, nn.Module], ...]
+
+
+@dataclass
+class BranchAverageAdapter(Adapter):
+    """An adapter whose head averages several affine branches on the same pooled vector
+    (distillation heads: LeViT, EfficientFormer, RepViT, SwiftFormer in eval mode).
+
+    Attributes:
+        branches: each branch's modules in call order (modules shared before the fork are
+            repeated in every branch); the folded head is the mean of the branch folds,
+            ``W = (1/n) Σ_i W_i``, ``b = (1/n) Σ_i b_i``, so ``mean_xy M_c + b_c`` equals
+            ``(1/n) Σ_i S_c^(i)``, the averaged logit.
+    """
+
+    branches: tuple[NamedModules, ...] = field(default_factory=tuple)
+
+    def fold(self, num_features: Optional[int] = None) -> FoldedHead:
+        """Fold every branch and average the folds (branches with a LayerNorm are refused)."""
+        k = num_features or self.num_features
+        if k is None or not self.branches:
+            return super().fold(num_features)
+        folds = [fold_head(branch, k) for branch in self.branches]
+        if any(f.norm_eps is not None or f.pre_weight is not None for f in folds):
+            raise UnsupportedHeadError(
+                f"'{self.name}': averaged head branches with a LayerNorm cannot be folded into "
+                f"one CAM weight. {CONVERT_HINT}"
+            )
+        weight = torch.stack([f.weight for f in folds]).mean(dim=0)
+        bias = torch.stack([f.bias for f in folds]).mean(dim=0)
+        return FoldedHead(weight=weight, bias=bias)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter
+from .adapter import Adapter, BranchAverageAdapter, NamedModules
 from .errors import CONVERT_HINT, AdapterNotFoundError, UnsupportedHeadError
 from .hooks import CaptureKind
 from .layout import FeatureLayout
@@ -162,6 +162,35 @@ def _close(a: Tensor, b: Tensor, rel: float = 1e-4) -> bool:
     return bool((a.float() - b.float()).abs().max() <= rel * scale)
 
 
+def _passes_through(call: _Call) -> bool:
+    """A call that returns its input object (Dropout / Identity in eval mode)."""
+    return _first_tensor(call.out) is call.inp
+
+
+def _branches(head_calls: Sequence[_Call]) -> Optional[tuple[NamedModules, ...]]:
+    """Split head calls that fork on one tensor into branches: the first tensor two head
+    calls both take as input is the fork (calls that hand their input back unchanged, such
+    as Dropout in eval mode, do not count); calls before its first consumer are shared and
+    repeated at the start of every branch; a new branch starts at each consumer."""
+    seen: dict[int, int] = {}
+    fork: Optional[Tensor] = None
+    for c in head_calls:
+        if isinstance(c.inp, Tensor) and not _passes_through(c):
+            seen[id(c.inp)] = seen.get(id(c.inp), 0) + 1
+            if seen[id(c.inp)] == 2:
+                fork = c.inp
+                break
+    if fork is None:
+        return None
+    starts = [i for i, c in enumerate(head_calls) if c.inp is fork and not _passes_through(c)]
+    shared = [(c.name, c.module) for c in head_calls[: starts[0]]]
+    bounds = [*starts, len(head_calls)]
+    return tuple(
+        tuple(shared + [(c.name, c.module) for c in head_calls[a:b]])
+        for a, b in zip(bounds[:-1], bounds[1:])
+    )
+
+
 def _describe(calls: Sequence[_Call]) -> str:
     return " -> ".join(f"{c.name} ({type(c.module).__name__})" for c in calls) or "(none)"
 
@@ -242,17 +271,23 @@ def discover(
         raise AdapterNotFoundError("could not read the feature map and the pooled vector")
     candidates.insert(0, feats)
 
-    # 2. fold the head (names the first non-affine module)
+    # 2. fold the head (names the first non-affine module); a head that forks into
+    # branches on one tensor (distillation heads) is read as their average when the chain
+    # reading fails
     k_pooled = target.shape[1]
-    try:
-        head = [(c.name, c.module) for c in head_calls]
-        from .heads import fold_head
+    head = [(c.name, c.module) for c in head_calls]
+    branches = _branches(head_calls)
+    from .heads import fold_head
 
-        folded = fold_head(head, k_pooled)
+    fold_error: Optional[UnsupportedHeadError] = None
+    try:
+        fold_head(head, k_pooled)
     except UnsupportedHeadError as err:
-        raise UnsupportedHeadError(
+        fold_error = UnsupportedHeadError(
             f"{err} (probe: feature map from '{last.name}', then {_describe(head_calls)})"
-        ) from None
+        )
+        if branches is None:
+            raise fold_error from None
 
     # 3. which tensor and layout pool to the target (the last spatial leaf's first, then
     # what encloses it), and which module gives that tensor
@@ -290,25 +325,50 @@ def discover(
             f"or CLS-token pooling?). {CONVERT_HINT}"
         )
 
-    adapter = Adapter(
+    common: dict[str, Any] = dict(
         feature_module=feature_module,
         head=head,
         layout=layout,
         capture=capture,
         input_size=(int(size[0]), int(size[1]), int(size[2])) if len(size) == 3 else None,
         num_features=k_pooled,
-        name=f"{name}: {feature_name} -> avg pool -> {_describe(head_calls)}",
         feature_name=feature_name,
     )
+    readings: list[Adapter] = []
+    if fold_error is None:
+        readings.append(
+            Adapter(name=f"{name}: {feature_name} -> avg pool -> {_describe(head_calls)}", **common)
+        )
+    if branches is not None:
+        described = " | ".join("+".join(n for n, _ in b) for b in branches)
+        readings.append(
+            BranchAverageAdapter(
+                name=f"{name}: {feature_name} -> avg pool -> mean of {described}",
+                branches=branches,
+                **common,
+            )
+        )
     # 4. the folded head must reproduce the model's logits
-    with torch.no_grad():
-        hw = (x.shape[-2], x.shape[-1])
-        predicted = folded.logits(adapter.features(feats, hw))
-    if not _close(predicted, logits, rel=1e-3):
+    hw = (x.shape[-2], x.shape[-1])
+    problem = ""
+    for adapter in readings:
+        try:
+            folded = adapter.fold(k_pooled)
+        except UnsupportedHeadError as err:
+            problem = str(err)
+            continue
+        with torch.no_grad():
+            predicted = folded.logits(adapter.features(feats, hw))
+        if _close(predicted, logits, rel=1e-3):
+            return adapter
         err_abs = float((predicted.float() - logits.float()).abs().max())
-        raise UnsupportedHeadError(
+        problem = (
             f"the folded head ({_describe(head_calls)}) reproduces the model's logits only "
             f"to {err_abs:.3g}: something non-affine happens between '{feature_name}' and "
             f"the output that no module shows (a functional op?). {CONVERT_HINT}"
         )
-    return adapter
+        if fold_error is None:  # the chain reading folds: its mismatch is the message
+            break
+    if fold_error is not None:
+        raise fold_error
+    raise UnsupportedHeadError(problem)

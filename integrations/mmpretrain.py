@@ -29,14 +29,13 @@ and no neck) fall back to the generic probe of :func:`cam_plugin.discovery.disco
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from mmpretrain.models.necks import GlobalAveragePooling
 from torch import Tensor, nn
 
-from cam_plugin.adapter import Adapter
+from cam_plugin.adapter import Adapter, BranchAverageAdapter
 from cam_plugin.discovery import discover
 from cam_plugin.errors import CONVERT_HINT, UnsupportedHeadError
 from cam_plugin.heads import FoldedHead, fold_head
@@ -80,33 +79,6 @@ def model_input_size(model: nn.Module) -> tuple[int, int, int]:
     if isinstance(img, (tuple, list)) and len(img) == 2:
         return channels, int(img[0]), int(img[1])
     return channels, 224, 224
-
-
-@dataclass
-class BranchAverageAdapter(Adapter):
-    """An adapter whose head averages several affine branches on the same pooled vector.
-
-    Attributes:
-        branches: each branch's modules in call order; the folded head is the mean of the
-            branch folds, ``W = (1/n) Σ_i W_i``, ``b = (1/n) Σ_i b_i``.
-    """
-
-    branches: tuple[NamedModules, ...] = field(default_factory=tuple)
-
-    def fold(self, num_features: Optional[int] = None) -> FoldedHead:
-        """Fold every branch and average the folds (branches with a LayerNorm are refused)."""
-        k = num_features or self.num_features
-        if k is None or not self.branches:
-            return super().fold(num_features)
-        folds = [fold_head(branch, k) for branch in self.branches]
-        if any(f.norm_eps is not None or f.pre_weight is not None for f in folds):
-            raise UnsupportedHeadError(
-                f"'{self.name}': averaged head branches with a LayerNorm cannot be folded into "
-                f"one CAM weight. {CONVERT_HINT}"
-            )
-        weight = torch.stack([f.weight for f in folds]).mean(dim=0)
-        bias = torch.stack([f.bias for f in folds]).mean(dim=0)
-        return FoldedHead(weight=weight, bias=bias)
 
 
 def _is_gap_2d(neck: Any) -> bool:

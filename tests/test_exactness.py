@@ -78,6 +78,40 @@ def test_timm_identity_and_independent_maps(
     assert cam.adapter.layout.kind == layout.split("-")[0]
 
 
+# heads that average two affine branches in eval mode (distillation heads)
+DISTILLED = ["levit_128s", "efficientformer_l1", "repvit_m1"]
+
+
+@pytest.mark.parametrize("name", DISTILLED)
+def test_distillation_heads_average_their_branches(name: str) -> None:
+    """An affine head ``h`` after the pool gives ``M(x, y) = h(f(x, y)) − h(0)``: computed
+    here by running timm's own ``forward_head`` on one position at a time (a 1-position
+    map pools to itself), which averages ``head`` and ``head_dist`` as the model does."""
+    torch.manual_seed(0)
+    model = randomize_head(timm.create_model(name, num_classes=11)).eval()
+    x = images(2, 224)
+    cam = cp.CAM(model)
+    res = cam(x, targets="all")
+    assert "mean of" in cam.adapter.name
+    assert_identity(res)
+    with torch.no_grad():
+        f = model.forward_features(x)
+        if f.dim() == 3:  # tokens (B, N, K), row-major positions
+            side = int(f.shape[1] ** 0.5)
+            cols = [model.forward_head(f[:, n : n + 1]) for n in range(f.shape[1])]
+            zero = model.forward_head(torch.zeros_like(f[:, :1]))
+        else:  # (B, K, h, w)
+            side = f.shape[-1]
+            cols = [
+                model.forward_head(f[:, :, i : i + 1, j : j + 1])
+                for i in range(f.shape[-2])
+                for j in range(f.shape[-1])
+            ]
+            zero = model.forward_head(torch.zeros_like(f[:, :, :1, :1]))
+        expected = (torch.stack(cols, dim=-1) - zero[..., None]).reshape(2, 11, -1, side)
+    torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-4)
+
+
 # torchvision classifiers (eval mode), at their smallest sensible size
 TV_MODELS = [
     ("resnet18", {}, 64),
