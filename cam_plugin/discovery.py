@@ -350,25 +350,22 @@ def discover(
         )
     # 4. the folded head must reproduce the model's logits
     hw = (x.shape[-2], x.shape[-1])
-    problem = ""
+    problems: list[str] = [str(fold_error)] if fold_error is not None else []
     for adapter in readings:
         try:
             folded = adapter.fold(k_pooled)
         except UnsupportedHeadError as err:
-            problem = str(err)
+            problems.append(str(err))
             continue
         with torch.no_grad():
             predicted = folded.logits(adapter.features(feats, hw))
         if _close(predicted, logits, rel=1e-3):
             return adapter
         err_abs = float((predicted.float() - logits.float()).abs().max())
-        problem = (
+        problems.append(
             f"the folded head ({_describe(head_calls)}) reproduces the model's logits only "
             f"to {err_abs:.3g}: something non-affine happens between '{feature_name}' and "
             f"the output that no module shows (a functional op?). {CONVERT_HINT}"
         )
-        if fold_error is None:  # the chain reading folds: its mismatch is the message
-            break
-    if fold_error is not None:
-        raise fold_error
-    raise UnsupportedHeadError(problem)
+    # the plain chain reading's problem is the one to report
+    raise UnsupportedHeadError(problems[0])

@@ -112,6 +112,37 @@ def test_distillation_heads_average_their_branches(name: str) -> None:
     torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-4)
 
 
+class TwoHeads(torch.nn.Module):
+    """A distillation-style head with as many classes as channels: read as a chain the two
+    Linears would fold (K -> K -> K) and mismatch; read as branches they average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.2)
+        self.head = torch.nn.Linear(6, 6)
+        self.head_dist = torch.nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.drop(self.conv(x).mean(dim=(2, 3)))
+        return (self.head(p) + self.head_dist(p)) / 2
+
+
+def test_branches_are_read_when_the_chain_folds_but_mismatches() -> None:
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x = images(2, 12)
+    cam = cp.CAM(model, input_size=(3, 12, 12))
+    res = cam(x, targets="all")
+    assert "mean of" in cam.adapter.name
+    assert_identity(res)
+    with torch.no_grad():
+        f = model.conv(x)
+        w = (model.head.weight + model.head_dist.weight) / 2
+        expected = torch.einsum("ck,bkhw->bchw", w, f)
+    torch.testing.assert_close(res.maps, expected, rtol=1e-5, atol=1e-5)
+
+
 # torchvision classifiers (eval mode), at their smallest sensible size
 TV_MODELS = [
     ("resnet18", {}, 64),
