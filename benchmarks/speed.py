@@ -539,7 +539,7 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _tensor_peak_bytes(torch: Any, fn: Callable[[], Any]) -> int:
+def _tensor_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak of the bytes held by live tensors during one call of ``fn``, over what was live
     before it: torch's profiler records every allocation and free of the CPU
     allocator with its size and time, so the running sum of those events peaks at it. Unlike
@@ -578,7 +578,7 @@ def worker_tensors(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            peak = _tensor_peak_bytes(torch, fn)
+            peak = _tensor_peak_bytes(fn)
         out[name] = {"peak_mib": peak / 2**20}
     how = "cuda max_memory_allocated" if cuda else "torch profiler, live tensor bytes"
     return {"how": how + ", peak during one call over what was live before", "methods": out}

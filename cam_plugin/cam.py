@@ -28,7 +28,7 @@ from .result import CAMResult
 if TYPE_CHECKING:
     from .placement import Placement
 
-__all__ = ["CAM", "Targets", "parse_targets"]
+__all__ = ["CAM", "Targets", "check_eval_mode", "check_images", "parse_targets"]
 
 Targets = Union[None, int, str, Tensor, Sequence[int], Sequence[Sequence[int]]]
 
@@ -136,6 +136,58 @@ def parse_targets(targets: Targets, logits: Tensor, topk: int = 1) -> Optional[T
     )
 
 
+def check_images(
+    images: Any,
+    adapter: Adapter,
+    *,
+    name: str = "images",
+    batch: str = "B",
+    check_finite: bool = True,
+) -> Tensor:
+    """Reject what the model cannot take before torch fails inside it: not a tensor, not
+    ``(B, C, H, W)``, an empty batch, an integer dtype, a channel count other than the
+    adapter's, NaN / inf values (when ``check_finite``). ``name`` and ``batch`` word the
+    messages (Captum calls them ``inputs`` and ``N``). Returns ``images``."""
+    if not isinstance(images, Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape ({batch}, C, H, W), got "
+            f"{type(images).__name__}"
+        )
+    if images.dim() != 4:
+        hint = f" (one image? use {name}.unsqueeze(0))" if images.dim() == 3 else ""
+        raise CAMInputError(
+            f"{name} must be 4-D ({batch}, C, H, W), got shape {tuple(images.shape)}{hint}"
+        )
+    if images.shape[0] == 0:
+        raise CAMInputError(f"{name} is an empty batch ({batch} = 0); give at least one image")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor (normalized as the model expects), "
+            f"got dtype {images.dtype}"
+        )
+    expected = adapter.input_size[0] if adapter.input_size else None
+    if expected is not None and images.shape[1] != expected:
+        raise CAMInputError(
+            f"{name} have {images.shape[1]} channels but the model expects {expected}"
+        )
+    if check_finite and not _all_finite(images):
+        raise CAMInputError(f"{name} contain NaN or inf values; clean the input first")
+    return images
+
+
+def check_eval_mode(model: Optional[nn.Module], adapter: Adapter, alternative: str = "") -> None:
+    """Refuse a model (or head module) in train mode: BatchNorm would use batch statistics
+    and dropout would be random, so the identity would not hold. ``alternative`` ends the
+    message with what else the caller may do."""
+    training = [n for n, m in adapter.head_modules if m.training]
+    if (model is not None and model.training) or training:
+        tail = f", {alternative}" if alternative else ""
+        raise CAMInputError(
+            "the model is in train mode: BatchNorm uses batch statistics and dropout is "
+            f"random, so CAM is not exact. Call model.eval() first{tail}"
+        )
+
+
 class CAM:
     """Class Activation Mapping for a model whose head is affine after a global average pool.
 
@@ -211,40 +263,14 @@ class CAM:
 
     # -- input checks -------------------------------------------------------------------
     def _check_images(self, images: Any) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(
-                f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}"
-            )
-        if images.dim() != 4:
-            hint = " (one image? use images.unsqueeze(0))" if images.dim() == 3 else ""
-            raise CAMInputError(
-                f"images must be 4-D (B, C, H, W), got shape {tuple(images.shape)}{hint}"
-            )
-        if images.shape[0] == 0:
-            raise CAMInputError("images is an empty batch (B = 0); give at least one image")
-        if not images.is_floating_point():
-            raise TypeError(
-                f"images must be a floating-point tensor (normalized as the model expects), "
-                f"got dtype {images.dtype}"
-            )
-        expected = self.adapter.input_size[0] if self.adapter.input_size else None
-        if expected is not None and images.shape[1] != expected:
-            raise CAMInputError(
-                f"images have {images.shape[1]} channels but the model expects {expected}"
-            )
-        if self.check_finite and not _all_finite(images):
-            raise CAMInputError("images contain NaN or inf values; clean the input first")
-        return images
+        return check_images(images, self.adapter, check_finite=self.check_finite)
 
     def _check_mode(self) -> None:
-        if self.allow_train:
-            return
-        training = [n for n, m in self.adapter.head_modules if m.training]
-        if self.model.training or training:
-            raise CAMInputError(
-                "the model is in train mode: BatchNorm uses batch statistics and dropout is "
-                "random, so CAM is not exact. Call model.eval() first, or pass "
-                "CAM(model, allow_train=True) for training-time use"
+        if not self.allow_train:
+            check_eval_mode(
+                self.model,
+                self.adapter,
+                "or pass CAM(model, allow_train=True) for training-time use",
             )
 
     # -- the one data path ---------------------------------------------------------------

@@ -32,7 +32,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from cam_plugin.adapter import Adapter
-from cam_plugin.cam import CAM
+from cam_plugin.cam import CAM, check_eval_mode, check_images
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError
 from cam_plugin.hooks import CaptureKind, FeatureCapture
 from cam_plugin.registry import resolve
@@ -283,36 +283,10 @@ class ClassActivationMap(LayerAttribution):
                     "model's other arguments as additional_forward_args"
                 )
             inputs = inputs[0]
-        if not isinstance(inputs, Tensor):
-            raise TypeError(
-                f"inputs must be a tensor (N, C, H, W) or a one-tensor tuple, got "
-                f"{type(inputs).__name__}"
-            )
-        if inputs.dim() != 4:
-            hint = " (one image? use inputs.unsqueeze(0))" if inputs.dim() == 3 else ""
-            raise CAMInputError(
-                f"inputs must be 4-D (N, C, H, W), got shape {tuple(inputs.shape)}{hint}"
-            )
-        if inputs.shape[0] == 0:
-            raise CAMInputError("inputs is an empty batch (N = 0)")
-        if not inputs.is_floating_point():
-            raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
-        expected = self.adapter.input_size[0] if self.adapter.input_size else None
-        if expected is not None and inputs.shape[1] != expected:
-            raise CAMInputError(
-                f"inputs have {inputs.shape[1]} channels but the model expects {expected}"
-            )
-        if not bool(torch.isfinite(inputs).all()):
-            raise CAMInputError("inputs contain NaN or inf values")
-        return inputs
+        return check_images(inputs, self.adapter, name="inputs", batch="N")
 
     def _check_mode(self) -> None:
-        training = [n for n, m in self.adapter.head_modules if m.training]
-        if (self.model is not None and self.model.training) or training:
-            raise CAMInputError(
-                "the model is in train mode: BatchNorm uses batch statistics and dropout is "
-                "random, so CAM is not exact. Call model.eval() first"
-            )
+        check_eval_mode(self.model, self.adapter)
 
     def _forward(self, inputs: Tensor, extra: tuple[Any, ...]) -> Any:
         func: Callable[..., Any] = self.forward_func
