@@ -21,7 +21,7 @@ from .heads import FoldedHead, fold_head
 from .hooks import CaptureKind
 from .layout import FeatureLayout
 
-__all__ = ["Adapter", "BranchAverageAdapter", "PoolKind"]
+__all__ = ["Adapter", "BranchAverageAdapter", "CaptureMaps", "PoolKind"]
 
 PoolKind = Literal["avg", "max"]
 HeadSpec = Sequence[Union[nn.Module, tuple[str, nn.Module]]]
@@ -49,6 +49,27 @@ def _infer_in_features(head: Sequence[tuple[str, nn.Module]]) -> Optional[int]:
         if isinstance(m, nn.LayerNorm):
             return int(m.normalized_shape[0])
     return None
+
+
+@dataclass
+class CaptureMaps:
+    """What the core step makes of one forward's capture (:meth:`Adapter.maps_from_capture`).
+
+    Attributes:
+        features: ``(B, K, h, w)`` feature map ``f``.
+        head: the folded head ``W'``, ``b'`` used for the maps.
+        logits: ``(B, C)`` — the model's own logits when its output was given, else the
+            folded head's ``W' mean_xy f + b'``.
+        classes: ``(B, k)`` class indices of the maps (``-1`` = padding), or ``None`` for
+            every class.
+        maps: ``(B, k, h, w)`` (or ``(B, C, h, w)``) with ``M_c = Σ_k W'_ck f_k``.
+    """
+
+    features: Tensor
+    head: FoldedHead
+    logits: Tensor
+    classes: Optional[Tensor]
+    maps: Tensor
 
 
 @dataclass
@@ -132,17 +153,58 @@ class Adapter:
             )
         return output
 
+    def maps_from_capture(
+        self,
+        captured: Tensor,
+        output: Any = None,
+        *,
+        input_hw: Optional[tuple[int, int]] = None,
+        select: Optional[Callable[[Tensor], Optional[Tensor]]] = None,
+        head: Optional[FoldedHead] = None,
+        verify: bool = False,
+    ) -> CaptureMaps:
+        """The core step every face calls: one forward's capture -> features, folded head,
+        logits, maps.
+
+        ``f = layout(captured)``; ``S`` = the logits in ``output`` (or ``W' mean_xy f + b'``
+        when ``output`` is ``None``); ``classes = select(S)`` (``None``: every class);
+        ``M_c = Σ_k W'_ck f_k`` for those classes. With ``verify`` (and average pooling) the
+        fold must reproduce ``S`` (:meth:`FoldedHead.check_reproduces`), which is the
+        identity ``mean_xy M_c + b'_c = S_c``.
+
+        Args:
+            captured: the tensor the feature capture recorded.
+            output: the model's return value (its logits are read with
+                :meth:`logits_from_output`), or ``None``.
+            input_hw: the input's ``(H, W)``, for token layouts that need the grid.
+            select: ``logits -> (B, k)`` class indices, or ``None`` for every class.
+            head: a folded head to use (default: fold the head's current parameters).
+            verify: check the identity through the pooled features.
+        """
+        features = self.features(captured, input_hw)
+        head = head if head is not None else self.fold(features.shape[1])
+        if output is None:
+            logits = self.compute(features, classes=None, head=head, maps=False)[0]
+        else:
+            logits = self.logits_from_output(output)
+        classes = select(logits) if select is not None else None
+        maps = head.maps(features, classes)
+        if verify and self.exact:
+            head.check_reproduces(features, logits, name=self.name)
+        return CaptureMaps(features, head, logits, classes, maps)
+
     def compute(
         self,
         features: Tensor,
         classes: Optional[Tensor] = None,
         head: Optional[FoldedHead] = None,
+        maps: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """Hook-free: ``(B, K, h, w)`` features -> ``(logits, maps)``.
 
         ``logits = W' pool(f) + b'`` (average or max pool); ``maps`` is
         ``M_c = Σ_k W'_ck f_k`` for every class (``classes=None``, ``(B, C, h, w)``) or
-        for a ``(B, k)`` selection.
+        for a ``(B, k)`` selection (an empty tensor when ``maps=False``).
         """
         head = head if head is not None else self.fold(features.shape[1])
         if self.pool == "max":
@@ -150,6 +212,8 @@ class Adapter:
             logits = pooled @ head.weight.to(pooled.dtype).t() + head.bias.to(pooled.dtype)
         else:
             logits = head.logits(features)
+        if not maps:
+            return logits, features.new_empty(0)
         return logits, head.maps(features, classes)
 
 

@@ -13,27 +13,32 @@ device.
 from __future__ import annotations
 
 import contextlib
+import numbers
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .adapter import Adapter
-from .errors import CAMInputError, UnsupportedHeadError
-from .hooks import FeatureCapture
+from .adapter import Adapter, CaptureMaps
+from .capture import ForwardCapture, resolve_without_forward
+from .discovery import expected_channels
+from .errors import CAMInputError
+from .probing import model_device_dtype
 from .registry import resolve
 from .result import CAMResult
 
 if TYPE_CHECKING:
     from .placement import Placement
 
-__all__ = ["CAM", "Targets", "check_eval_mode", "check_images", "parse_targets"]
+__all__ = ["CAM", "Targets", "all_finite", "check_eval_mode", "check_images", "parse_targets"]
 
 Targets = Union[None, int, str, Tensor, Sequence[int], Sequence[Sequence[int]]]
 
 
-def _all_finite(t: Tensor) -> bool:
+def all_finite(t: Tensor) -> bool:
     """True when no element of ``t`` is NaN or ±inf.
 
     One reduction instead of an elementwise mask: a NaN or ±inf anywhere makes the sum NaN
@@ -54,6 +59,57 @@ def _check_class(values: Tensor, num_classes: int, what: str) -> None:
             f"{what} {bad} is out of range: the model has {num_classes} classes "
             f"(valid: 0..{num_classes - 1})"
         )
+
+
+def _class_index(value: Any, where: str) -> int:
+    """One class index: a Python / numpy integer or a 0-d integer tensor, not negative."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CAMInputError(
+            f"{where} is {type(value).__name__}; expected a class index (an int), or for "
+            "targets one int or one list of ints per image (no deeper nesting)"
+        )
+    if int(value) < 0:
+        raise CAMInputError(
+            f"{where} is {int(value)}: class indices are >= 0 (only ragged per-image lists "
+            "are padded, internally)"
+        )
+    return int(value)
+
+
+def _target_row(value: Any, i: int) -> list[int]:
+    """The classes of image ``i``: an int, or a list / 1-d array / tensor of ints."""
+    if isinstance(value, (np.ndarray, Tensor)) and value.ndim == 1:
+        value = value.tolist()
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise CAMInputError(f"targets[{i}] is empty: give at least one class")
+        return [_class_index(c, f"targets[{i}][{j}]") for j, c in enumerate(value)]
+    return [_class_index(value, f"targets[{i}]")]
+
+
+def _targets_from_tensor(
+    targets: Tensor, batch: int, num_classes: int, device: torch.device
+) -> Tensor:
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise CAMInputError(
+            f"target tensor must hold integer class indices, got dtype {targets.dtype}"
+        )
+    t = targets.to(device=device, dtype=torch.long)
+    if t.dim() == 0:
+        t = t.expand(batch).reshape(batch, 1)
+    elif t.dim() == 1:
+        t = t.reshape(-1, 1)
+    elif t.dim() != 2:
+        raise CAMInputError(f"target tensor must be (B,) or (B, k), got {tuple(t.shape)}")
+    if t.shape[0] != batch:
+        raise CAMInputError(
+            f"targets has {t.shape[0]} entries but the batch has {batch} images; give "
+            "one target (or one list of targets) per image"
+        )
+    _check_class(t, num_classes, "target")
+    return t
 
 
 def parse_targets(targets: Targets, logits: Tensor, topk: int = 1) -> Optional[Tensor]:
@@ -78,28 +134,13 @@ def parse_targets(targets: Targets, logits: Tensor, topk: int = 1) -> Optional[T
         return None
     if isinstance(targets, bool):
         raise CAMInputError("targets must be class indices, not a bool")
-    if isinstance(targets, int):
-        _check_class(torch.tensor([targets]), num_classes, "target")
-        return torch.full((batch, 1), targets, dtype=torch.long, device=device)
+    if isinstance(targets, np.ndarray):
+        targets = torch.as_tensor(targets)
+    if isinstance(targets, numbers.Integral):
+        _check_class(torch.tensor([int(targets)]), num_classes, "target")
+        return torch.full((batch, 1), int(targets), dtype=torch.long, device=device)
     if isinstance(targets, Tensor):
-        if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-            raise CAMInputError(
-                f"target tensor must hold integer class indices, got dtype {targets.dtype}"
-            )
-        t = targets.to(device=device, dtype=torch.long)
-        if t.dim() == 0:
-            t = t.expand(batch).reshape(batch, 1)
-        elif t.dim() == 1:
-            t = t.reshape(-1, 1)
-        elif t.dim() != 2:
-            raise CAMInputError(f"target tensor must be (B,) or (B, k), got {tuple(t.shape)}")
-        if t.shape[0] != batch:
-            raise CAMInputError(
-                f"targets has {t.shape[0]} entries but the batch has {batch} images; give "
-                "one target (or one list of targets) per image"
-            )
-        _check_class(t, num_classes, "target")
-        return t
+        return _targets_from_tensor(targets, batch, num_classes, device)
     if isinstance(targets, Sequence):
         items = list(targets)
         if len(items) != batch:
@@ -107,47 +148,51 @@ def parse_targets(targets: Targets, logits: Tensor, topk: int = 1) -> Optional[T
                 f"targets has {len(items)} entries but the batch has {batch} images; give "
                 "one target (or one list of targets) per image"
             )
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            t = torch.tensor(items, dtype=torch.long).reshape(batch, 1)
-        else:
-            rows: list[list[int]] = []
-            for i, v in enumerate(items):
-                if isinstance(v, int) and not isinstance(v, bool):
-                    rows.append([v])
-                elif isinstance(v, (Sequence, Tensor)) and not isinstance(v, str):
-                    row = [int(c) for c in (v.tolist() if isinstance(v, Tensor) else v)]
-                    if not row:
-                        raise CAMInputError(f"targets[{i}] is empty: give at least one class")
-                    rows.append(row)
-                else:
-                    raise CAMInputError(
-                        f"targets[{i}] is {type(v).__name__}; expected an int or a list of ints"
-                    )
-            width = max(len(r) for r in rows)
-            t = torch.full((batch, width), -1, dtype=torch.long)
-            for i, row in enumerate(rows):
-                t[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            _check_class(t[t >= 0], num_classes, "target")
-            return t.to(device)
-        _check_class(t, num_classes, "target")
+        rows = [_target_row(v, i) for i, v in enumerate(items)]
+        width = max(len(r) for r in rows)
+        t = torch.full((batch, width), -1, dtype=torch.long)
+        for i, row in enumerate(rows):
+            t[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        _check_class(t[t >= 0], num_classes, "target")
         return t.to(device)
     raise CAMInputError(
         f"targets must be None, 'all', an int, a list or a tensor; got {type(targets).__name__}"
     )
 
 
+def _check_placement(images: Tensor, model: nn.Module, name: str) -> None:
+    """Same device and dtype as the model's parameters (autocast may lower the dtype)."""
+    device, dtype = model_device_dtype(model)
+    if not any(True for _ in model.parameters()):
+        return
+    if images.device != device:
+        raise CAMInputError(
+            f"{name} are on {images.device} but the model is on {device}: move them first, "
+            f"e.g. {name}.to('{device}')"
+        )
+    if images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+        raise CAMInputError(
+            f"{name} are {images.dtype} but the model's parameters are {dtype}: convert them "
+            f"({name}.to({dtype})) or run the call under torch.autocast"
+        )
+
+
 def check_images(
     images: Any,
-    adapter: Adapter,
+    adapter: Optional[Adapter],
     *,
     name: str = "images",
     batch: str = "B",
     check_finite: bool = True,
+    model: Optional[nn.Module] = None,
+    channels: Optional[int] = None,
 ) -> Tensor:
     """Reject what the model cannot take before torch fails inside it: not a tensor, not
     ``(B, C, H, W)``, an empty batch, an integer dtype, a channel count other than the
-    adapter's, NaN / inf values (when ``check_finite``). ``name`` and ``batch`` word the
-    messages (Captum calls them ``inputs`` and ``N``). Returns ``images``."""
+    adapter's (or ``channels``), NaN / inf values (when ``check_finite``), and — when
+    ``model`` is given — a device or floating dtype other than the model's parameters'
+    (outside autocast). ``name`` and ``batch`` word the messages (Captum calls them
+    ``inputs`` and ``N``). Returns ``images``."""
     if not isinstance(images, Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor of shape ({batch}, C, H, W), got "
@@ -165,21 +210,26 @@ def check_images(
             f"{name} must be a floating-point tensor (normalized as the model expects), "
             f"got dtype {images.dtype}"
         )
-    expected = adapter.input_size[0] if adapter.input_size else None
+    expected = adapter.input_size[0] if adapter is not None and adapter.input_size else channels
     if expected is not None and images.shape[1] != expected:
         raise CAMInputError(
             f"{name} have {images.shape[1]} channels but the model expects {expected}"
         )
-    if check_finite and not _all_finite(images):
+    if model is not None:
+        _check_placement(images, model, name)
+    if check_finite and not all_finite(images):
         raise CAMInputError(f"{name} contain NaN or inf values; clean the input first")
     return images
 
 
-def check_eval_mode(model: Optional[nn.Module], adapter: Adapter, alternative: str = "") -> None:
+def check_eval_mode(
+    model: Optional[nn.Module], adapter: Optional[Adapter], alternative: str = ""
+) -> None:
     """Refuse a model (or head module) in train mode: BatchNorm would use batch statistics
     and dropout would be random, so the identity would not hold. ``alternative`` ends the
     message with what else the caller may do."""
-    training = [n for n, m in adapter.head_modules if m.training]
+    head = adapter.head_modules if adapter is not None else ()
+    training = [n for n, m in head if m.training]
     if (model is not None and model.training) or training:
         tail = f", {alternative}" if alternative else ""
         raise CAMInputError(
@@ -237,14 +287,16 @@ class CAM:
         if adapter is not None and not isinstance(adapter, Adapter):
             raise TypeError(f"adapter must be a cam_plugin.Adapter, got {type(adapter).__name__}")
         self.model = model
-        self.adapter = adapter if adapter is not None else resolve(model, input_size=input_size)
+        self.input_size = tuple(int(v) for v in input_size) if input_size is not None else None
+        # no forward here: an adapter that needs one is read from the first call's forward
+        self._adapter = adapter if adapter is not None else resolve_without_forward(model)
+        self._lock = threading.Lock()
         self.allow_train = allow_train
         self.differentiable = differentiable
         self.verify = verify
         self.check_finite = check_finite
         self.placement = bool(placement)
         self._placements: dict[tuple[int, ...], Placement] = {}
-        self._capture: Optional[FeatureCapture] = None
 
     def __enter__(self) -> CAM:
         return self
@@ -253,23 +305,50 @@ class CAM:
         self.close()
 
     def close(self) -> None:
-        """Remove anything installed (nothing outlives a call; kept for symmetry)."""
-        if self._capture is not None:
-            self._capture.remove()
-            self._capture = None
+        """Nothing outlives a call (every hook is removed when its call ends); kept so the
+        object can be used as a context manager."""
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the adapter is known (given, found without a forward, or read from a
+        call)."""
+        return self._adapter is not None
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter. Resolved at construction when that needs no forward pass, else on the
+        first call (from that call's forward); before that, :meth:`resolve` gives it."""
+        if self._adapter is None:
+            raise CAMInputError(
+                "the adapter of this model is read from its first forward pass, and none has "
+                "run yet: call cam(images) once, or cam.resolve(example=images) with a batch "
+                "of your own inputs"
+            )
+        return self._adapter
+
+    def resolve(self, example: Optional[Tensor] = None) -> Adapter:
+        """Resolve the adapter now (idempotent), from one forward of ``example`` — a batch
+        of the user's own inputs (eval mode, no grad, RNG and modes restored) — or, when
+        ``example`` is ``None``, from a random probe at ``input_size``."""
+        if self._adapter is None:
+            if example is not None:
+                example = check_images(example, None, name="example", model=self.model)
+            found = resolve(self.model, example=example, input_size=self.input_size)
+            with self._lock:
+                if self._adapter is None:
+                    self._adapter = found
+        return self._adapter  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"CAM({self.adapter.name})"
+        name = self._adapter.name if self._adapter is not None else "unresolved"
+        return f"CAM({name})"
 
     # -- input checks -------------------------------------------------------------------
-    def _check_images(self, images: Any) -> Tensor:
-        return check_images(images, self.adapter, check_finite=self.check_finite)
-
-    def _check_mode(self) -> None:
+    def _check_mode(self, adapter: Optional[Adapter]) -> None:
         if not self.allow_train:
             check_eval_mode(
                 self.model,
-                self.adapter,
+                adapter,
                 "or pass CAM(model, allow_train=True) for training-time use",
             )
 
@@ -284,40 +363,49 @@ class CAM:
                 or ``"all"`` (every class in one einsum).
             topk: how many top classes when ``targets is None``.
         """
-        images = self._check_images(images)
-        self._check_mode()
-        adapter = self.adapter
-        grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
-        capture = FeatureCapture(
-            adapter.feature_module, adapter.capture, detach=not self.differentiable
+        adapter = self._adapter
+        if adapter is None and self.model.training:
+            adapter = self.resolve(images.detach() if isinstance(images, Tensor) else images)
+        images = check_images(
+            images,
+            adapter,
+            check_finite=self.check_finite,
+            model=self.model,
+            channels=self.input_size[0] if self.input_size else expected_channels(self.model),
         )
-        self._capture = capture
-        try:
-            with grad_ctx:
-                with capture:
-                    output = self.model(images)
-                    captured = capture.value
-                if captured is None:
-                    raise CAMInputError(
-                        f"the feature module '{adapter.feature_name or adapter.name}' was not "
-                        "called during the forward pass (or gave no tensor); is the adapter "
-                        "for this model?"
-                    )
-                logits = adapter.logits_from_output(output)
-                hw = (int(images.shape[-2]), int(images.shape[-1]))
-                features = adapter.features(captured, hw)
-                head = adapter.fold(features.shape[1])
-                classes = parse_targets(targets, logits, topk)
-                maps = head.maps(features, classes)
-                if self.verify and adapter.exact and not self.model.training:
-                    self._verify(adapter, head, features, logits)
-        finally:
-            capture.remove()
-            self._capture = None
-        num_classes = logits.shape[1]
+        self._check_mode(adapter)
+        grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
+        hw = (int(images.shape[-2]), int(images.shape[-1]))
+        with grad_ctx:
+            forward = ForwardCapture(
+                self.model, adapter, detach=not self.differentiable, input_size=self.input_size
+            )
+            with forward:
+                output = self.model(images)
+            adapter, captured = forward.finish(images, output)
+            if self._adapter is None:
+                with self._lock:
+                    if self._adapter is None:
+                        self._adapter = adapter
+            step = adapter.maps_from_capture(
+                captured,
+                output,
+                input_hw=hw,
+                select=lambda logits: parse_targets(targets, logits, topk),
+                verify=self.verify and not self.model.training,
+            )
+        return self._result(step, images, hw, adapter)
+
+    def _result(
+        self, step: CaptureMaps, images: Tensor, hw: tuple[int, int], adapter: Adapter
+    ) -> CAMResult:
+        """Wrap the core step's output: padding classes zeroed, bias per map."""
+        maps, logits, classes = step.maps, step.logits, step.classes
         if classes is None:
-            classes = torch.arange(num_classes, device=logits.device).expand(logits.shape[0], -1)
-        bias = head.class_bias(classes.clamp_min(0)).to(maps.dtype)
+            classes = torch.arange(logits.shape[1], device=logits.device).expand(
+                logits.shape[0], -1
+            )
+        bias = step.head.class_bias(classes.clamp_min(0)).to(maps.dtype)
         if not self.differentiable:
             bias = bias.detach()  # computed outside no_grad: no graph into the host's head
         if bool((classes < 0).any()):
@@ -347,16 +435,3 @@ class CAM:
                 found = feature_placement(self.model, key, adapter=self.adapter)
             self._placements[key] = found
         return self._placements[key]
-
-    @staticmethod
-    def _verify(adapter: Adapter, head: Any, features: Tensor, logits: Tensor) -> None:
-        predicted = head.logits(features)
-        scale = max(1.0, float(logits.detach().abs().max()))
-        err = float((predicted.detach().float() - logits.detach().float()).abs().max())
-        if err > 1e-3 * scale:
-            raise UnsupportedHeadError(
-                f"the folded head of '{adapter.name}' reproduces the model's logits only to "
-                f"{err:.3g} (scale {scale:.3g}): the model changed since the adapter was "
-                "resolved, or its pooling is not global at this input size. Resolve again, "
-                "or pass verify=False to skip this check"
-            )

@@ -1,9 +1,13 @@
-"""Generic adapter discovery with one probe forward pass.
+"""Generic adapter discovery from one forward pass.
 
-For a model no registered adapter knows, :func:`discover` runs one forward pass on
-a small random input (eval mode on every module, no autograd, the global RNG state
-forked, every probe hook removed afterwards; the model's modes are restored) and
-reads the structure off the calls it saw:
+For a model no registered adapter knows, :func:`discover` reads the structure off the
+calls of one forward pass (a :class:`~cam_plugin.forward.ForwardTrace`). That forward is
+the user's own first call whenever there is one (:class:`cam_plugin.CAM` resolves on its
+first call and reuses that forward for the maps, so the user's model never runs on data of
+ours); only an explicit :func:`cam_plugin.resolve` before any call probes, with the user's
+``example`` or, failing that, a small random input (eval mode on every module, no autograd,
+the RNG forked, modes restored: :func:`cam_plugin.probing.untouched`). The reading, in four
+steps:
 
 1. the last *leaf* module whose input is still spatial (``(B, K, h, w)`` with
    ``h·w > 1``, or ``(B, N, K)`` tokens) ends the trunk; when its output is pooled
@@ -32,27 +36,13 @@ from torch import Tensor, nn
 
 from .adapter import Adapter, BranchAverageAdapter, NamedModules
 from .errors import CONVERT_HINT, AdapterNotFoundError, UnsupportedHeadError
+from .forward import Call, CallRecorder, ForwardNeededError, ForwardTrace, current_request
+from .heads import fold_head
 from .hooks import CaptureKind
 from .layout import FeatureLayout
+from .probing import first_tensor, probe_input, untouched
 
-__all__ = ["discover", "guess_input_size", "probe_input"]
-
-
-@dataclass
-class _Call:
-    name: str
-    module: nn.Module
-    inp: Any
-    out: Any
-    leaf: bool
-
-
-def _first_tensor(value: Any) -> Optional[Tensor]:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
-        return value[0]
-    return None
+__all__ = ["discover", "expected_channels", "guess_input_size", "probe_input", "record_forward"]
 
 
 def _spatial(t: Optional[Tensor]) -> bool:
@@ -69,6 +59,20 @@ def _pooled(t: Optional[Tensor]) -> bool:
     if t is None:
         return False
     return t.dim() == 2 or (t.dim() == 4 and t.shape[2] == 1 and t.shape[3] == 1)
+
+
+def expected_channels(model: nn.Module) -> Optional[int]:
+    """The input channel count the model states without running it: its pretrained
+    config's ``input_size``, else its first convolution's ``in_channels``; ``None`` when
+    neither says."""
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size") and len(cfg["input_size"]) == 3:
+            return int(cfg["input_size"][0])
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return int(m.in_channels)
+    return None
 
 
 def guess_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -95,45 +99,13 @@ def guess_input_size(model: nn.Module) -> tuple[int, int, int]:
     return channels, 224, 224
 
 
-def probe_input(model: nn.Module, input_size: Sequence[int], batch: int = 2) -> Tensor:
-    """A deterministic random probe batch on the model's device and dtype (the global RNG
-    is not touched)."""
-    ref = next(iter(model.parameters()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *[int(v) for v in input_size]), generator=gen)
-    return x.to(device=device, dtype=dtype)
-
-
-def _trace(model: nn.Module, example: Tensor) -> tuple[list[_Call], Any]:
-    names = {id(m): n for n, m in model.named_modules()}
-    calls: list[_Call] = []
-    handles = []
-
-    def make_hook(module: nn.Module) -> Any:
-        leaf = next(module.children(), None) is None
-
-        def hook(mod: nn.Module, args: Any, output: Any) -> None:
-            inp = _first_tensor(args)
-            calls.append(_Call(names.get(id(mod), "?"), mod, inp, output, leaf))
-
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    try:
-        for m in model.modules():
-            if m is not model:
-                handles.append(m.register_forward_hook(make_hook(m)))
-        model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            output = model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return calls, output
+def record_forward(model: nn.Module, example: Tensor) -> ForwardTrace:
+    """Probe: one forward of ``model`` on ``example`` with every call recorded, the model
+    left untouched (:func:`cam_plugin.probing.untouched`: eval mode, no grad, RNG forked,
+    modes restored)."""
+    with untouched(model), CallRecorder(model) as recorder:
+        output = model(example)
+    return recorder.trace(example, output)
 
 
 def _layout_candidates(
@@ -162,12 +134,12 @@ def _close(a: Tensor, b: Tensor, rel: float = 1e-4) -> bool:
     return bool((a.float() - b.float()).abs().max() <= rel * scale)
 
 
-def _passes_through(call: _Call) -> bool:
+def _passes_through(call: Call) -> bool:
     """A call that returns its input object (Dropout / Identity in eval mode)."""
-    return _first_tensor(call.out) is call.inp
+    return first_tensor(call.out) is call.inp
 
 
-def _branches(head_calls: Sequence[_Call]) -> Optional[tuple[NamedModules, ...]]:
+def _branches(head_calls: Sequence[Call]) -> Optional[tuple[NamedModules, ...]]:
     """Split head calls that fork on one tensor into branches: the first tensor two head
     calls both take as input is the fork (calls that hand their input back unchanged, such
     as Dropout in eval mode, do not count); calls before its first consumer are shared and
@@ -191,70 +163,78 @@ def _branches(head_calls: Sequence[_Call]) -> Optional[tuple[NamedModules, ...]]
     )
 
 
-def _describe(calls: Sequence[_Call]) -> str:
+def _describe(calls: Sequence[Call]) -> str:
     return " -> ".join(f"{c.name} ({type(c.module).__name__})" for c in calls) or "(none)"
 
 
-def discover(
+@dataclass
+class _TrunkReading:
+    """Step 1's result: where the trunk ends and what the head receives."""
+
+    last: Call  # the last leaf whose input is spatial
+    pool_call: Optional[Call]  # that leaf when it is the pooling module
+    head_calls: list[Call]  # the leaf calls after it
+    target: Tensor  # the pooled vector the head receives, (B, K)
+    candidates: list[Tensor]  # feature tensors to try, most likely first
+
+
+def _obtain_trace(
     model: nn.Module,
-    example: Optional[Tensor] = None,
-    *,
-    input_size: Optional[Sequence[int]] = None,
-    prefix_tokens: Optional[int] = None,
-    name: str = "generic",
-    probe_batch: int = 2,
-) -> Adapter:
-    """Find ``feature map -> global average pool -> affine head`` with one probe forward.
-
-    Args:
-        model: any ``nn.Module`` returning ``(B, C)`` logits.
-        example: the probe batch; by default a random ``(2, *input_size)`` tensor.
-        input_size: ``(C, H, W)`` for the probe (default: :func:`guess_input_size`).
-        prefix_tokens: for token models, the number of prefix tokens to try first.
-        name: adapter name to report.
-        probe_batch: batch size of the default probe input.
-
-    Raises:
-        UnsupportedHeadError: the head after the feature map is not affine after an
-            average pool (names the module and points to ``cam_plugin.convert``).
-        AdapterNotFoundError: the structure could not be read (says why).
-    """
-    size = tuple(input_size) if input_size is not None else guess_input_size(model)
-    x = example if example is not None else probe_input(model, size, batch=probe_batch)
+    example: Optional[Tensor],
+    input_size: Optional[Sequence[int]],
+    probe_batch: int,
+) -> tuple[ForwardTrace, tuple[int, ...]]:
+    """The trace to read: the caller's example, else the active request's trace / example /
+    size, else a random probe at ``input_size`` or the guessed size."""
+    request = current_request(model)
+    if example is None and request is not None:
+        if request.trace is not None:
+            return request.trace, tuple(int(v) for v in request.trace.example.shape[1:])
+        example = request.example
+        if request.input_size is not None:
+            input_size = request.input_size
+        if example is None and not request.allow_probe:
+            raise ForwardNeededError("resolution needs a forward pass of the model")
+    if example is not None:
+        size = tuple(int(v) for v in example.shape[1:])
+        x = example
+    else:
+        size = tuple(int(v) for v in input_size) if input_size else guess_input_size(model)
+        x = probe_input(model, size, batch=probe_batch)
     try:
-        calls, output = _trace(model, x)
+        return record_forward(model, x), size
     except Exception as err:  # the probe itself failed: say so, with the cause
         raise AdapterNotFoundError(
             f"the generic probe forward with an input of shape {tuple(x.shape)} failed "
-            f"({type(err).__name__}: {err}); pass input_size=(C, H, W) or register an adapter"
+            f"({type(err).__name__}: {err}); pass input_size=(C, H, W) or an example input, "
+            "or register an adapter"
         ) from err
-    logits = output if isinstance(output, Tensor) else None
-    if logits is None or logits.dim() != 2:
-        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-        raise AdapterNotFoundError(
-            f"the model returns {got}, not (B, num_classes) logits; register an adapter "
-            "with an output_fn"
-        )
+
+
+def _read_trunk(trace: ForwardTrace, logits: Tensor) -> _TrunkReading:
+    """Step 1: the last leaf with a spatial input ends the trunk; what follows is the head."""
+    calls = trace.calls
     leaves = [c for c in calls if c.leaf]
     trunk_end = next((i for i in range(len(leaves) - 1, -1, -1) if _spatial(leaves[i].inp)), None)
     if trunk_end is None:
+        shape = tuple(trace.example.shape)
         raise AdapterNotFoundError(
-            "the probe saw no module that receives a spatial feature map (B, K, h, w) or "
-            "tokens (B, N, K)"
+            f"the forward on an input of shape {shape} showed no module that receives a "
+            "spatial feature map (B, K, h, w) with h·w > 1 or tokens (B, N, K) (is the input "
+            "so small that the last feature map is 1x1? then resolve once with a larger "
+            "example: cam_plugin.resolve(model, example=...))"
         )
     last = leaves[trunk_end]
-    out_t = _first_tensor(last.out)
-    # candidate feature tensors, the first that pools to the head's input wins
+    out_t = first_tensor(last.out)
+    head_calls = leaves[trunk_end + 1 :]
     candidates: list[Tensor] = []
     if _pooled(out_t):
-        pool_call: Optional[_Call] = last
+        pool_call: Optional[Call] = last
         feats = last.inp
-        head_calls = leaves[trunk_end + 1 :]
         target = out_t.flatten(1) if out_t is not None else None
     else:
         pool_call = None
         feats = out_t
-        head_calls = leaves[trunk_end + 1 :]
         first_in = head_calls[0].inp if head_calls else logits
         target = first_in.flatten(1) if isinstance(first_in, Tensor) else None
         # the pool is functional, and functional code may also finish the feature map
@@ -263,47 +243,57 @@ def discover(
         start = next(i for i, c in enumerate(calls) if c is last)
         stop = next((i for i, c in enumerate(calls) if head_calls and c is head_calls[0]), None)
         for c in calls[start + 1 : stop if stop is not None else len(calls)]:
-            t = _first_tensor(c.out)
+            t = first_tensor(c.out)
             new = t is not None and t is not feats and all(t is not o for o in candidates)
-            if new and c.module is not model and _spatial(t):
+            if new and c.module is not trace.model and _spatial(t):
                 candidates.append(t)  # type: ignore[arg-type]
     if feats is None or target is None:
         raise AdapterNotFoundError("could not read the feature map and the pooled vector")
     candidates.insert(0, feats)
+    return _TrunkReading(last, pool_call, head_calls, target, candidates)
 
-    # 2. fold the head (names the first non-affine module); a head that forks into
-    # branches on one tensor (distillation heads) is read as their average when the chain
-    # reading fails
-    k_pooled = target.shape[1]
-    head = [(c.name, c.module) for c in head_calls]
-    branches = _branches(head_calls)
-    from .heads import fold_head
 
-    fold_error: Optional[UnsupportedHeadError] = None
+def _fold_chain(
+    reading: _TrunkReading,
+) -> tuple[Optional[UnsupportedHeadError], Optional[tuple[NamedModules, ...]]]:
+    """Step 2: fold the head as a chain (the error names the first non-affine module); a
+    head that forks into branches on one tensor (distillation heads) is also read as their
+    average. Raises when neither reading is possible."""
+    head = [(c.name, c.module) for c in reading.head_calls]
+    branches = _branches(reading.head_calls)
     try:
-        fold_head(head, k_pooled)
+        fold_head(head, reading.target.shape[1])
     except UnsupportedHeadError as err:
         fold_error = UnsupportedHeadError(
-            f"{err} (probe: feature map from '{last.name}', then {_describe(head_calls)})"
+            f"{err} (probe: feature map from '{reading.last.name}', then "
+            f"{_describe(reading.head_calls)})"
         )
         if branches is None:
             raise fold_error from None
+        return fold_error, branches
+    return None, branches
 
-    # 3. which tensor and layout pool to the target (the last spatial leaf's first, then
-    # what encloses it), and which module gives that tensor
+
+def _match_layout(
+    trace: ForwardTrace, reading: _TrunkReading, prefix_tokens: Optional[int]
+) -> tuple[FeatureLayout, Tensor, nn.Module, str, CaptureKind]:
+    """Step 3: which candidate tensor, under which layout, averages to the pooled vector,
+    and which module gives that tensor (the outermost producer, else the pool's input)."""
     layout: Optional[FeatureLayout] = None
-    for cand_feats in candidates:
+    feats = reading.candidates[0]
+    for cand_feats in reading.candidates:
         for cand in _layout_candidates(cand_feats, prefix_tokens, relu_first=False):
             try:
                 pooled = cand.pool(cand_feats)
             except (RuntimeError, IndexError):
                 continue
-            if _close(pooled, target):
+            if _close(pooled, reading.target):
                 layout, feats = cand, cand_feats
                 break
         if layout is not None:
             break
-    producers = [c for c in calls if _first_tensor(c.out) is feats and c.module is not model]
+    model, pool_call, last = trace.model, reading.pool_call, reading.last
+    producers = [c for c in trace.calls if first_tensor(c.out) is feats and c.module is not model]
     capture: CaptureKind
     if producers:
         feature_call = producers[-1]  # outermost: it completes last
@@ -324,10 +314,89 @@ def discover(
             f"average over the spatial positions or patch tokens reproduces (max, attention "
             f"or CLS-token pooling?). {CONVERT_HINT}"
         )
+    return layout, feats, feature_module, feature_name, capture
 
+
+def _first_reproducing(
+    readings: Sequence[Adapter],
+    feats: Tensor,
+    logits: Tensor,
+    hw: tuple[int, int],
+    described: str,
+    problems: list[str],
+) -> Adapter:
+    """Step 4: the first reading whose folded head reproduces the model's logits."""
+    for adapter in readings:
+        try:
+            folded = adapter.fold(adapter.num_features)
+        except UnsupportedHeadError as err:
+            problems.append(str(err))
+            continue
+        with torch.no_grad():
+            features = adapter.features(feats.detach(), hw)
+            if folded.reproduces(features, logits.detach()):
+                return adapter
+            predicted = folded.logits(features)
+        err_abs = float((predicted.float() - logits.detach().float()).abs().max())
+        problems.append(
+            f"the folded head ({described}) reproduces the model's "
+            f"logits only to {err_abs:.3g}: something non-affine happens between "
+            f"'{adapter.feature_name}' and the output that no module shows (a functional op?). "
+            f"{CONVERT_HINT}"
+        )
+    # the plain chain reading's problem is the one to report
+    raise UnsupportedHeadError(problems[0])
+
+
+def discover(
+    model: nn.Module,
+    example: Optional[Tensor] = None,
+    *,
+    input_size: Optional[Sequence[int]] = None,
+    prefix_tokens: Optional[int] = None,
+    name: str = "generic",
+    probe_batch: int = 2,
+) -> Adapter:
+    """Find ``feature map -> global average pool -> affine head`` from one forward pass.
+
+    The forward read is, in order: ``example`` when given; else, inside
+    :func:`cam_plugin.registry.resolve`, the trace of the user's real call (or the example
+    / input size the user gave to ``resolve``); else a probe on a random
+    ``(probe_batch, *input_size)`` batch.
+
+    Args:
+        model: any ``nn.Module`` returning ``(B, C)`` logits.
+        example: the probe batch.
+        input_size: ``(C, H, W)`` for a random probe (default: :func:`guess_input_size`).
+        prefix_tokens: for token models, the number of prefix tokens to try first.
+        name: adapter name to report.
+        probe_batch: batch size of the random probe.
+
+    Raises:
+        UnsupportedHeadError: the head after the feature map is not affine after an
+            average pool (names the module and points to ``cam_plugin.convert``).
+        AdapterNotFoundError: the structure could not be read (says why).
+    """
+    trace, size = _obtain_trace(model, example, input_size, probe_batch)
+    output = trace.output
+    logits = output if isinstance(output, Tensor) else None
+    if logits is None or logits.dim() != 2:
+        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise AdapterNotFoundError(
+            f"the model returns {got}, not (B, num_classes) logits; register an adapter "
+            "with an output_fn"
+        )
+    with torch.no_grad():
+        reading = _read_trunk(trace, logits)
+        fold_error, branches = _fold_chain(reading)
+        layout, feats, feature_module, feature_name, capture = _match_layout(
+            trace, reading, prefix_tokens
+        )
+    k_pooled = reading.target.shape[1]
+    described = _describe(reading.head_calls)
     common: dict[str, Any] = dict(
         feature_module=feature_module,
-        head=head,
+        head=[(c.name, c.module) for c in reading.head_calls],
         layout=layout,
         capture=capture,
         input_size=(int(size[0]), int(size[1]), int(size[2])) if len(size) == 3 else None,
@@ -337,35 +406,17 @@ def discover(
     readings: list[Adapter] = []
     if fold_error is None:
         readings.append(
-            Adapter(name=f"{name}: {feature_name} -> avg pool -> {_describe(head_calls)}", **common)
+            Adapter(name=f"{name}: {feature_name} -> avg pool -> {described}", **common)
         )
     if branches is not None:
-        described = " | ".join("+".join(n for n, _ in b) for b in branches)
+        forks = " | ".join("+".join(n for n, _ in b) for b in branches)
         readings.append(
             BranchAverageAdapter(
-                name=f"{name}: {feature_name} -> avg pool -> mean of {described}",
+                name=f"{name}: {feature_name} -> avg pool -> mean of {forks}",
                 branches=branches,
                 **common,
             )
         )
-    # 4. the folded head must reproduce the model's logits
-    hw = (x.shape[-2], x.shape[-1])
+    hw = (int(trace.example.shape[-2]), int(trace.example.shape[-1]))
     problems: list[str] = [str(fold_error)] if fold_error is not None else []
-    for adapter in readings:
-        try:
-            folded = adapter.fold(k_pooled)
-        except UnsupportedHeadError as err:
-            problems.append(str(err))
-            continue
-        with torch.no_grad():
-            predicted = folded.logits(adapter.features(feats, hw))
-        if _close(predicted, logits, rel=1e-3):
-            return adapter
-        err_abs = float((predicted.float() - logits.float()).abs().max())
-        problems.append(
-            f"the folded head ({_describe(head_calls)}) reproduces the model's logits only "
-            f"to {err_abs:.3g}: something non-affine happens between '{feature_name}' and "
-            f"the output that no module shows (a functional op?). {CONVERT_HINT}"
-        )
-    # the plain chain reading's problem is the one to report
-    raise UnsupportedHeadError(problems[0])
+    return _first_reproducing(readings, feats, logits, hw, described, problems)

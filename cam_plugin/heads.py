@@ -35,7 +35,10 @@ from torch import Tensor, nn
 
 from .errors import CONVERT_HINT, UnsupportedHeadError
 
-__all__ = ["FoldedHead", "fold_head", "is_passthrough"]
+__all__ = ["FoldedHead", "fold_head", "is_passthrough", "logits_error"]
+
+#: tolerance of "the folded head reproduces the logits": ``|Ŝ − S| <= 1e-3·max(1, |S|)``
+REPRODUCE_RTOL = 1e-3
 
 _PASSTHROUGH = (
     nn.Identity,
@@ -55,6 +58,16 @@ def is_passthrough(module: nn.Module) -> bool:
         "Identity",
         "Flatten",
     }
+
+
+def logits_error(predicted: Tensor, logits: Tensor) -> tuple[float, float]:
+    """``(max |Ŝ − S|, max(1, max |S|))``: how far the logits ``Ŝ`` a folded head predicts are
+    from the model's ``S``, and the scale that error is judged against. Shapes must match."""
+    scale = max(1.0, float(logits.detach().abs().max())) if logits.numel() else 1.0
+    if predicted.shape != logits.shape:
+        return float("inf"), scale
+    err = float((predicted.detach().float() - logits.detach().float()).abs().max())
+    return err, scale
 
 
 @dataclass
@@ -113,6 +126,29 @@ class FoldedHead:
             mu, sigma = self.norm_stats(q)
             pooled = (pooled - mu) / sigma
         return pooled @ self.weight.to(pooled.dtype).t() + self.bias.to(pooled.dtype)
+
+    def reproduces(self, features: Tensor, logits: Tensor, rtol: float = REPRODUCE_RTOL) -> bool:
+        """True when ``W' n(mean_xy q) + b'`` equals ``logits`` to ``rtol·max(1, |S|)``."""
+        err, scale = logits_error(self.logits(features), logits)
+        return err <= rtol * scale
+
+    def check_reproduces(
+        self, features: Tensor, logits: Tensor, *, name: str, rtol: float = REPRODUCE_RTOL
+    ) -> None:
+        """Raise :class:`~cam_plugin.errors.UnsupportedHeadError` unless the fold reproduces
+        the model's ``logits`` from ``features`` (the exactness identity
+        ``mean_xy M_c + b'_c = S_c``, checked through the pooled features). ``name`` is the
+        adapter's name, for the message."""
+        err, scale = logits_error(self.logits(features), logits)
+        if err > rtol * scale:
+            raise UnsupportedHeadError(
+                f"the folded head of '{name}' reproduces the model's logits only to "
+                f"{err:.3g} (scale {scale:.3g}): the model's structure changed since the "
+                "adapter was resolved (a module replaced?), or its pooling is not global at "
+                "this input "
+                "size. Build a new CAM (the adapter is resolved again), or give an adapter "
+                "that matches the model"
+            )
 
     def maps(self, features: Tensor, classes: Optional[Tensor] = None) -> Tensor:
         """Class activation maps ``M_c(x, y) = Σ_k W'_ck f_k(x, y)``.

@@ -4,10 +4,16 @@
 ``__enter__`` and ``__exit__`` (also when the forward pass raises), and a
 ``weakref.finalize`` removes it if the object is garbage-collected while installed.
 A capture only *reads*: it never changes the module's output, gradients, mode or RNG.
+
+A capture belongs to the thread that installed it: PyTorch fires a module's forward hooks
+for every thread's forward, so the hook ignores calls made on any other thread. Two threads
+that each capture from one shared model (a threaded web server) therefore each get the
+feature map of their own forward, never the other's.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Literal, Optional
 
@@ -36,6 +42,10 @@ class FeatureCapture:
             positional argument).
         detach: store ``tensor.detach()`` (default) so no graph is kept alive; set
             ``False`` for differentiable maps.
+        any_thread: also record forwards run on other threads than the installing one
+            (default ``False``: only the installing thread's forwards are recorded, so
+            concurrent users of one model never see each other's tensors). Set it for a
+            forward that itself runs the module on worker threads.
 
     Example:
         >>> with FeatureCapture(model.layer4) as cap:
@@ -44,7 +54,12 @@ class FeatureCapture:
     """
 
     def __init__(
-        self, module: nn.Module, capture: CaptureKind = "output", detach: bool = True
+        self,
+        module: nn.Module,
+        capture: CaptureKind = "output",
+        detach: bool = True,
+        *,
+        any_thread: bool = False,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise CAMInputError(f"FeatureCapture needs an nn.Module, got {type(module).__name__}")
@@ -53,6 +68,8 @@ class FeatureCapture:
         self.module = module
         self.capture: CaptureKind = capture
         self.detach = detach
+        self.any_thread = bool(any_thread)
+        self._owner: Optional[int] = None
         self.value: Optional[Tensor] = None
         self._handle: Optional[RemovableHandle] = None
         self._finalizer: Optional[weakref.finalize] = None
@@ -78,15 +95,17 @@ class FeatureCapture:
         """
         if self._handle is None:
             ref = weakref.ref(self)
+            owner = None if self.any_thread else threading.get_ident()
+            self._owner = owner
 
             def on_output(module: nn.Module, args: Any, output: Any) -> None:
                 cap = ref()
-                if cap is not None:
+                if cap is not None and (owner is None or threading.get_ident() == owner):
                     cap._store(output)
 
             def on_input(module: nn.Module, args: Any) -> None:
                 cap = ref()
-                if cap is not None:
+                if cap is not None and (owner is None or threading.get_ident() == owner):
                     cap._store(args[0] if args else None)
 
             if self.capture == "output":
@@ -102,6 +121,7 @@ class FeatureCapture:
             self._finalizer()  # calls handle.remove() exactly once
             self._finalizer = None
         self._handle = None
+        self._owner = None
         self.value = None
 
     def pop(self) -> Optional[Tensor]:

@@ -13,7 +13,14 @@ Resolution order (the first that applies wins):
 5. adapters published by other packages under the ``cam_plugin.adapters`` entry-point
    group (each entry point is a callable that calls :func:`register_adapter`),
    loaded once; then step 3 again;
-6. the generic probe of :func:`cam_plugin.discovery.discover`.
+6. the generic reading of :func:`cam_plugin.discovery.discover`.
+
+Factories that need a forward pass (the generic reading, and the timm / torchvision /
+mmpretrain factories built on it) read the forward given to :func:`resolve`: the ``trace``
+of a real call (what :class:`cam_plugin.CAM` passes on its first call), else the user's
+``example``, else a random probe at ``input_size`` (every factory honours it). With
+``allow_probe=False`` no forward is run at all: a factory that needs one raises
+:class:`~cam_plugin.forward.ForwardNeededError`.
 
 A factory returns an :class:`~cam_plugin.adapter.Adapter`, or ``None`` when the model
 is not one it handles. A factory that recognizes the model but finds its head
@@ -29,10 +36,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .adapter import Adapter
 from .errors import AdapterNotFoundError, CAMInputError, UnsupportedHeadError
+from .forward import ForwardTrace, ResolutionRequest, resolution_context
 
 __all__ = ["AdapterFactory", "register_adapter", "registered_adapters", "resolve"]
 
@@ -151,18 +159,38 @@ def resolve(
     *,
     input_size: Optional[Sequence[int]] = None,
     generic: bool = True,
+    example: Optional[Tensor] = None,
+    trace: Optional[ForwardTrace] = None,
+    allow_probe: bool = True,
 ) -> Adapter:
     """Return the :class:`~cam_plugin.adapter.Adapter` for ``model`` (order in the module doc).
 
     Args:
         model: the model.
-        input_size: ``(C, H, W)`` for the generic probe when the model does not say.
-        generic: allow the generic probe as the last resort.
+        input_size: ``(C, H, W)`` for a random probe when neither ``trace`` nor ``example``
+            is given (default: what the model says, else 3 x 224 x 224).
+        generic: allow the generic reading as the last resort.
+        example: a batch of the user's own inputs to read the model from (one forward,
+            eval mode, no grad, RNG and modes restored).
+        trace: a recorded forward of ``model`` (:class:`~cam_plugin.forward.ForwardTrace`)
+            to read instead of running one.
+        allow_probe: with ``False`` no forward is run: a factory that needs one raises
+            :class:`~cam_plugin.forward.ForwardNeededError`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"CAM needs a torch.nn.Module, got {type(model).__name__}; pass the model object"
         )
+    if example is not None and not isinstance(example, Tensor):
+        raise CAMInputError(
+            f"example must be a tensor batch of the model's inputs, got {type(example).__name__}"
+        )
+    request = ResolutionRequest(model, trace, example, input_size, allow_probe)
+    with resolution_context(request):
+        return _resolve(model, input_size, generic)
+
+
+def _resolve(model: nn.Module, input_size: Optional[Sequence[int]], generic: bool) -> Adapter:
     tried: list[str] = []
     own = getattr(model, "__cam_adapter__", None)
     if callable(own):

@@ -243,7 +243,7 @@ def test_unresolvable_model_lists_what_was_tried() -> None:
             return {"out": self.conv(x)}
 
     with pytest.raises(cp.AdapterNotFoundError) as info:
-        cp.CAM(ReturnsDict(), input_size=(3, 16, 16))
+        cp.CAM(ReturnsDict(), input_size=(3, 16, 16))(images(1, 16))
     msg = str(info.value)
     assert "generic probe" in msg and "register_adapter" in msg and "dict" in msg
 
@@ -284,6 +284,7 @@ def test_hook_free_compute_matches_hook_path(resnet: nn.Module) -> None:
 def test_verify_catches_a_changed_model(resnet: nn.Module) -> None:
     model = randomize_head(timm.create_model("resnet18", num_classes=3)).eval()
     cam = cp.CAM(model)
+    cam(images(1, 64))  # resolved from this call
     model.global_pool = timm.layers.SelectAdaptivePool2d(pool_type="max", flatten=True)
     with pytest.raises(cp.UnsupportedHeadError, match="reproduces the model's logits"):
         cam(images(1, 64))

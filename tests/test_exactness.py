@@ -204,7 +204,7 @@ def test_densenet_functional_relu_is_detected() -> None:
 def test_nonlinear_heads_are_refused_by_name(factory, module: str) -> None:  # type: ignore[no-untyped-def]
     model = factory().eval()
     with pytest.raises(cp.UnsupportedHeadError, match=module) as info:
-        cp.CAM(model)
+        cp.CAM(model)(images(1, 64))
     assert "cam_plugin.convert" in str(info.value)
 
 
@@ -235,7 +235,7 @@ def test_generic_probe_refuses_functional_max_pool() -> None:
             return self.fc(self.conv(x).amax(dim=(2, 3)))
 
     with pytest.raises(cp.UnsupportedHeadError, match="global average"):
-        cp.CAM(MaxPooled().eval(), input_size=(3, 16, 16))
+        cp.CAM(MaxPooled().eval(), input_size=(3, 16, 16))(images(2, 16))
 
 
 class ResidualLast(torch.nn.Module):
