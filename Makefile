@@ -36,8 +36,8 @@ $(VENV)/.demo: $(VENV)/.base pyproject.toml
 # test: everything, including the OpenMMLab stack (full mmcv is built once into $(CACHE))
 $(VENV)/.test: $(VENV)/.demo pyproject.toml
 	$(PIP) "setuptools>=68" wheel
-	$(PIP) -e ".[timm,demo,captum,docs,test]"
-	$(PIP) onnx onnxruntime onnxscript torchcam grad-cam
+	$(PIP) -e ".[timm,demo,captum,onnx,docs,test]"
+	$(PIP) torchcam grad-cam
 	$(PIP) addict pyyaml rich termcolor yapf opencv-python-headless einops importlib-metadata \
 	    mat4py modelindex pycocotools scipy shapely six terminaltables
 	tools/build_mmcv_wheel.sh $(CACHE)
@@ -66,7 +66,7 @@ docs:
 
 # speed + memory vs plain forward, torchcam, grad-cam, Captum; writes docs/benchmarks.md
 bench: $(VENV)/.test
-	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python -m benchmarks.speed
 
 # WSOL on cluttered digits: converted timm backbone, CAM vs GMP / Gaussian / brightness,
 # Choe et al.'s metrics, fixed steps and seeds; writes docs/wsol.md and docs/assets/wsol/

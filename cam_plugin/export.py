@@ -34,10 +34,8 @@ moves the model too.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import importlib.util
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -46,10 +44,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapter import Adapter
-from .discovery import probe_input
+from .allocator import keep_freed_memory  # re-exported: it lived here before
+from .cam import check_eval_mode, check_images
 from .errors import CAMInputError
 from .heads import FoldedHead
 from .hooks import FeatureCapture
+from .probing import probe_input, untouched
 from .registry import resolve
 from .result import CAMResult, minmax_normalize
 
@@ -76,6 +76,9 @@ class CAMModule(nn.Module):
             docstring).
         input_size: ``(C, H, W)`` for resolution and the construction probe when the model
             does not say.
+        example: a batch of your own inputs for that probe (default: a seeded random
+            batch at ``input_size``). The probe runs in eval mode without autograd, with the
+            RNG and every module's mode restored.
 
     Example:
         >>> cm = CAMModule(model, topk=1, upsample=True, normalize=True).eval()
@@ -97,6 +100,7 @@ class CAMModule(nn.Module):
         normalize: bool = False,
         trunk: TrunkSpec = "auto",
         input_size: Optional[Sequence[int]] = None,
+        example: Optional[Tensor] = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -116,13 +120,14 @@ class CAMModule(nn.Module):
                     f"upsample must be a bool or (H, W) with H, W >= 1, got {upsample!r}"
                 )
             size = (values[0], values[1])
-        if model.training:
-            raise CAMInputError(
-                "the model is in train mode: BatchNorm uses batch statistics and dropout is "
-                "random, so the folded head is not exact. Call model.eval() first"
-            )
         self.model = model
-        self.adapter = adapter if adapter is not None else resolve(model, input_size=input_size)
+        self._example = example
+        check_eval_mode(model, None)
+        self.adapter = (
+            adapter
+            if adapter is not None
+            else resolve(model, input_size=input_size, example=example)
+        )
         self.topk = topk
         self.upsample = bool(upsample) or size is not None
         self.size = size
@@ -145,6 +150,9 @@ class CAMModule(nn.Module):
         self._pre_bias: Optional[Tensor] = None
         self._norm_eps: Optional[float] = None
         self.refresh()
+        # mirror the wrapped model's mode: nn.Module starts in train mode, and exporters
+        # that restore the wrapper's mode afterwards would put the host in train mode
+        self.training = model.training
 
     # -- construction ---------------------------------------------------------------------
     def refresh(self) -> CAMModule:
@@ -184,10 +192,12 @@ class CAMModule(nn.Module):
         """Does ``forward_features`` return the captured tensor, and ``forward_head`` the
         logits the folded head predicts? One probe forward (no grad, RNG untouched)."""
         adapter = self.adapter
-        size = self._input_size or (3, 224, 224)
-        x = probe_input(self.model, size, batch=1)
+        if self._example is not None:
+            x = self._example[:1]
+        else:
+            x = probe_input(self.model, self._input_size or (3, 224, 224), batch=1)
         model: Any = self.model
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with untouched(self.model):
             with FeatureCapture(adapter.feature_module, adapter.capture) as cap:
                 feats = model.forward_features(x)
                 captured = cap.value
@@ -200,11 +210,11 @@ class CAMModule(nn.Module):
                 )
             logits = model.forward_head(feats)
             hw = (int(x.shape[-2]), int(x.shape[-1]))
-            predicted, _ = adapter.compute(adapter.features(feats, hw), classes=None)
-        if not isinstance(logits, Tensor) or logits.shape != predicted.shape:
+            features = adapter.features(feats, hw)
+            head = adapter.fold(features.shape[1])
+        if not isinstance(logits, Tensor) or logits.shape != (x.shape[0], head.num_classes):
             return False, "forward_head does not return (B, C) logits"
-        scale = max(1.0, float(logits.abs().max()))
-        if float((logits.float() - predicted.float()).abs().max()) > 1e-3 * scale:
+        if not head.reproduces(features, logits):
             return False, "forward_head's logits differ from the folded head's"
         return True, ""
 
@@ -218,17 +228,16 @@ class CAMModule(nn.Module):
         )
 
     # -- the data path --------------------------------------------------------------------
-    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, K, h, w)`` features and ``(B, C)`` logits of one forward pass."""
+    def capture(self, images: Tensor) -> tuple[Tensor, Any]:
+        """One forward pass: the adapter's captured feature tensor and the model's output
+        (``None`` for a callable trunk: the logits then come from the folded head)."""
         adapter = self.adapter
-        hw = (int(images.shape[-2]), int(images.shape[-1]))
         model: Any = self.model
         if self.trunk == "forward_features":
             captured = model.forward_features(images)
-            return adapter.features(captured, hw), model.forward_head(captured)
+            return captured, model.forward_head(captured)
         if self.trunk == "callable" and self._trunk_fn is not None:
-            feats = adapter.features(self._trunk_fn(images), hw)
-            return feats, _folded_logits(adapter, self._head(), feats)
+            return self._trunk_fn(images), None
         with FeatureCapture(adapter.feature_module, adapter.capture, detach=False) as cap:
             output = model(images)
             captured = cap.value
@@ -237,33 +246,35 @@ class CAMModule(nn.Module):
                 f"the feature module '{adapter.feature_name or adapter.name}' was not called "
                 "during the forward pass"
             )
-        return adapter.features(captured, hw), adapter.logits_from_output(output)
+        return captured, output
+
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, K, h, w)`` features and ``(B, C)`` logits of one forward pass."""
+        step = self.adapter.maps_from_capture(
+            *self.capture(images), input_hw=_hw(images), head=self._head(), select=_no_maps
+        )
+        return step.features, step.logits
+
+    def _select(self, logits: Tensor) -> Optional[Tensor]:
+        if self.topk is None:
+            return None
+        return logits.topk(min(self.topk, logits.shape[1]), dim=1).indices
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One forward pass -> ``(logits, maps, classes)`` (see the class docstring)."""
-        if not isinstance(images, Tensor) or images.dim() != 4:
-            raise CAMInputError("images must be a 4-D (B, C, H, W) tensor")
-        if self.model.training:
-            raise CAMInputError(
-                "the wrapped model is in train mode, so the folded head is not exact; call "
-                ".eval() on the CAMModule (or the model)"
-            )
-        expected = self.adapter.input_size[0] if self.adapter.input_size else None
-        if expected is not None and images.shape[1] != expected:
-            raise CAMInputError(
-                f"images have {images.shape[1]} channels but the model expects {expected}"
-            )
-        feats, logits = self.features_and_logits(images)
-        head = self._head()
-        if self.topk is None:
+        # no finite check: it would need the values (a sync, and a graph break when compiled)
+        host = None if torch.compiler.is_compiling() else self.model  # no guards on params
+        check_images(images, self.adapter, check_finite=False, model=host)
+        check_eval_mode(self.model, self.adapter, "or call .eval() on the CAMModule")
+        captured, output = self.capture(images)
+        step = self.adapter.maps_from_capture(
+            captured, output, input_hw=_hw(images), head=self._head(), select=self._select
+        )
+        logits, maps, classes = step.logits, step.maps, step.classes
+        if classes is None:
             classes = torch.arange(logits.shape[1], device=logits.device).expand(
                 logits.shape[0], -1
             )
-            maps = head.maps(feats, None)
-        else:
-            k = min(self.topk, logits.shape[1])
-            classes = logits.topk(k, dim=1).indices
-            maps = head.maps(feats, classes)
         if self.upsample:
             size = self.size or (int(images.shape[-2]), int(images.shape[-1]))
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
@@ -303,12 +314,13 @@ class CAMModule(nn.Module):
         )
 
 
-def _folded_logits(adapter: Adapter, head: FoldedHead, feats: Tensor) -> Tensor:
-    """Logits of the folded head (average or max pool), as :meth:`Adapter.compute`."""
-    if adapter.pool == "max":
-        pooled = head.project(feats).amax(dim=(2, 3))
-        return pooled @ head.weight.to(pooled.dtype).t() + head.bias.to(pooled.dtype)
-    return head.logits(feats)
+def _hw(images: Tensor) -> tuple[int, int]:
+    return int(images.shape[-2]), int(images.shape[-1])
+
+
+def _no_maps(logits: Tensor) -> Tensor:
+    """A selection of zero classes per image (the maps are not needed)."""
+    return logits.new_empty((logits.shape[0], 0), dtype=torch.long)
 
 
 def export_onnx(
@@ -339,16 +351,43 @@ def export_onnx(
             sess = onnxruntime.InferenceSession(path)
             logits, maps, classes = sess.run(None, {"images": images.numpy()})
     """
-    module = model if isinstance(model, CAMModule) else CAMModule(model, **cam_kwargs)
+    _require_onnx(dynamo)
     if cam_kwargs and isinstance(model, CAMModule):
         raise CAMInputError("pass CAMModule options either in the CAMModule or here, not both")
-    if module.model.training:
+    host = model.model if isinstance(model, CAMModule) else model
+    if host.training:
         raise CAMInputError("the model is in train mode; call model.eval() before exporting")
+    module = model if isinstance(model, CAMModule) else CAMModule(model, **cam_kwargs)
     if example is None:
-        size = module._input_size or (3, 224, 224)
+        size = module.adapter.input_size or (3, 224, 224)
         example = probe_input(module.model, size, batch=2)
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        return _export(module, example, os.fspath(path), dynamic_batch, opset_version, dynamo)
+    finally:  # exporters switch modes and restore the wrapper's: put every flag back
+        for m, mode in modes:
+            m.training = mode
+
+
+def _require_onnx(dynamo: bool) -> None:
+    needed = ["onnx", "onnxscript"] if dynamo else ["onnx"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(
+            f"export_onnx needs {' and '.join(missing)}: pip install 'cam-plugin[onnx]' "
+            "(onnx, onnxscript, onnxruntime)"
+        )
+
+
+def _export(
+    module: CAMModule,
+    example: Tensor,
+    target: str,
+    dynamic_batch: bool,
+    opset_version: Optional[int],
+    dynamo: bool,
+) -> str:
     names = {"input_names": ["images"], "output_names": ["logits", "maps", "classes"]}
-    target = os.fspath(path)
     with torch.no_grad():
         if dynamo:
             shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
@@ -386,39 +425,3 @@ def export_onnx(
                 **names,  # type: ignore[arg-type]
             )
     return target
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-
-
-def keep_freed_memory(trim_threshold: int = 1 << 30) -> bool:
-    """Make glibc's ``malloc`` keep and reuse freed memory (opt-in, process-wide, Linux/glibc).
-
-    By default glibc serves every block above its mmap threshold (at most 32 MiB) with a
-    fresh ``mmap`` and returns it on ``free``; a batch-16 ResNet-50 forward's activations are
-    such blocks, so each call faults in ~1.3 GB of new pages (~340k minor faults on the
-    benchmark machine). This calls ``mallopt(M_MMAP_MAX, 0)`` (large blocks come from the
-    heap) and ``mallopt(M_TRIM_THRESHOLD, trim_threshold)`` (freed heap memory is not handed
-    back below that size), the run-time equivalent of starting the process with
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<bytes>``. Repeated forwards then reuse their
-    pages (zero minor faults per call after the first); the price is that the process keeps
-    its peak RSS. Measured in ``docs/benchmarks.md``.
-
-    Args:
-        trim_threshold: bytes of free memory at the top of the heap kept before trimming.
-
-    Returns:
-        True when both options were set; False on a platform without glibc's ``mallopt``.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    trim = max(0, min(int(trim_threshold), 2**31 - 1))
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))

@@ -32,7 +32,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from cam_plugin.adapter import Adapter
-from cam_plugin.cam import CAM, check_eval_mode, check_images
+from cam_plugin.cam import check_eval_mode, check_images
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError
 from cam_plugin.hooks import CaptureKind, FeatureCapture
 from cam_plugin.registry import resolve
@@ -294,6 +294,17 @@ class ClassActivationMap(LayerAttribution):
             func = func.module
         return func(inputs, *extra)
 
+    def _model_output(self, output: Any, batch: int, adapter: Adapter) -> Any:
+        """What the core step reads the logits from: the model's output when
+        ``forward_func`` is the model; a ``(N, C)`` tensor a wrapping function returned;
+        else ``None`` (the folded head's logits ``W' mean_xy f + b'`` are used)."""
+        if self._forward_is_model:
+            return output
+        num_classes = adapter.fold().num_classes
+        if isinstance(output, Tensor) and output.shape == (batch, num_classes):
+            return output
+        return None
+
     def _check_layer(
         self,
         kind: CaptureKind,
@@ -399,23 +410,14 @@ class ClassActivationMap(LayerAttribution):
                     "underlying model as forward_func"
                 )
             hw = (int(images.shape[-2]), int(images.shape[-1]))
-            features = adapter.features(captured, hw)
-            head = adapter.fold(features.shape[1])
-            logits: Optional[Tensor] = None
-            if self._forward_is_model:
-                logits = adapter.logits_from_output(output)
-            elif (
-                isinstance(output, Tensor)
-                and output.dim() == 2
-                and output.shape == (batch, head.num_classes)
-            ):
-                logits = output
-            if logits is None:
-                logits = head.logits(features)
-            classes = target_classes(target, logits)
-            maps = head.maps(features, classes[:, None])
-            if self.verify and self._forward_is_model and adapter.exact:
-                CAM._verify(adapter, head, features, logits)
+            step = adapter.maps_from_capture(
+                captured,
+                self._model_output(output, batch, adapter),
+                input_hw=hw,
+                select=lambda logits: target_classes(target, logits)[:, None],
+                verify=self.verify and self._forward_is_model,
+            )
+            maps = step.maps
             if upsample:
                 maps = F.interpolate(maps, size=hw, mode="bilinear", align_corners=False)
             if relu_attributions:

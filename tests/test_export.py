@@ -170,19 +170,19 @@ def test_onnx_export_matches_eager(which: str, request, tmp_path) -> None:  # ty
 
 
 def test_finite_check_is_exact_and_refuses_bad_images(tiny_cnn: torch.nn.Module) -> None:
-    from cam_plugin.cam import _all_finite
+    from cam_plugin.cam import all_finite
 
     x = images(2, 8)
-    assert _all_finite(x)
+    assert all_finite(x)
     big = torch.full((4, 4), 3e38)  # the sum overflows: the exact check decides
-    assert _all_finite(big)
-    assert _all_finite(big.half().float()) is False  # 3e38 -> inf in fp16
-    assert _all_finite(torch.full((2, 2), 60000.0, dtype=torch.float16))
+    assert all_finite(big)
+    assert all_finite(big.half().float()) is False  # 3e38 -> inf in fp16
+    assert all_finite(torch.full((2, 2), 60000.0, dtype=torch.float16))
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[1, 2, 3, 4] = bad
-        assert not _all_finite(y)
-        assert not _all_finite(y.bfloat16())
+        assert not all_finite(y)
+        assert not all_finite(y.bfloat16())
         with pytest.raises(cp.CAMInputError, match="NaN or inf"):
             cp.CAM(tiny_cnn)(images(1, 32).index_fill(3, torch.tensor([5]), bad))
 
@@ -214,3 +214,51 @@ def test_keep_freed_memory_reuses_pages() -> None:
         counts[mode] = int(out.stdout.split()[-1])
     assert counts["default"] > 8000, counts
     assert counts["keep"] < 200, counts
+
+
+def _modes(model: torch.nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_export_onnx_keeps_every_module_mode(dynamo: bool, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 11: the TorchScript exporter restored the wrapper's (train) mode onto the host."""
+    torch.manual_seed(0)
+    model = randomize_head(TinyCNN()).eval()
+    module = CAMModule(model)
+    model.features[1].train()  # a mixed state (a BatchNorm in train mode) must come back
+    before = _modes(model)
+    assert module.training is False  # mirrors the (eval) host
+    export_onnx(module, tmp_path / "ok.onnx", example=images(2, 32), dynamo=dynamo)
+    assert _modes(model) == before
+    with pytest.raises(Exception):  # noqa: B017 - whatever the exporter raises
+        export_onnx(module, tmp_path / "missing-dir" / "x" / "bad.onnx", example=images(2, 5)[:, :1])
+    assert _modes(model) == before
+    assert cp.count_hooks(model) == 0
+
+
+def test_camodule_mirrors_the_wrapped_models_mode(tiny_cnn: torch.nn.Module) -> None:
+    module = CAMModule(tiny_cnn)
+    assert module.training is False and not any(_modes(tiny_cnn))
+
+
+def test_export_onnx_names_the_extra_when_onnx_is_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code = (
+        "import sys; sys.modules['onnxscript'] = None\n"
+        "import torch, cam_plugin.export as e\n"
+        "from helpers import TinyCNN\n"
+        "try:\n"
+        "    e.export_onnx(TinyCNN().eval(), 'x.onnx', dynamo=True)\n"
+        "except ImportError as err:\n"
+        "    print('ERR', err)\n"
+    )
+    env_path = str(__import__("pathlib").Path(__file__).parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": env_path},
+        timeout=120,
+    )
+    assert "ERR export_onnx needs onnxscript: pip install 'cam-plugin[onnx]'" in out.stdout, out
