@@ -241,3 +241,22 @@ def test_meta_device_input_is_refused(cam_and_x) -> None:  # type: ignore[no-unt
     cam, x = cam_and_x
     with pytest.raises(cp.CAMInputError, match="move them"):
         cam(torch.empty(x.shape, device="meta"))
+
+
+def _live_tensors() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_no_tensor_outlives_a_call() -> None:
+    model = _shared_model()
+    cam = cp.CAM(model)
+    x = images(2, 16)
+    for _ in range(5):
+        cam(x, targets="all")
+    before = _live_tensors()
+    for _ in range(200):
+        cam(x, targets="all")
+    assert _live_tensors() == before
