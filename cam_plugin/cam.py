@@ -430,7 +430,7 @@ class CAM:
             if callable(own) and hasattr(self.model, "cam_adapter"):
                 found = own(key)
             else:
-                from .placement import feature_placement
+                from .tracing import feature_placement
 
                 found = feature_placement(self.model, key, adapter=self.adapter)
             self._placements[key] = found

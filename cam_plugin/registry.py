@@ -42,7 +42,13 @@ from .adapter import Adapter
 from .errors import AdapterNotFoundError, CAMInputError, UnsupportedHeadError
 from .forward import ForwardTrace, ResolutionRequest, resolution_context
 
-__all__ = ["AdapterFactory", "register_adapter", "registered_adapters", "resolve"]
+__all__ = [
+    "AdapterFactory",
+    "load_integrations_for",
+    "register_adapter",
+    "registered_adapters",
+    "resolve",
+]
 
 AdapterFactory = Callable[[nn.Module], Optional[Adapter]]
 Matcher = Union[type, tuple, Callable[[nn.Module], bool]]
@@ -135,6 +141,16 @@ def _load_integration(package: str, tried: list[str]) -> bool:
         tried.append(f"integration {module}: could not be imported ({err})")
         return False
     return True
+
+
+def load_integrations_for(model: nn.Module, tried: Optional[list[str]] = None) -> bool:
+    """Import the integration of every package in the model's class hierarchy that has one
+    (:data:`INTEGRATIONS`; each at most once per process). Returns True when one was
+    imported now; an integration whose framework cannot be imported is noted in ``tried``."""
+    loaded = False
+    for package in _class_packages(model):
+        loaded = _load_integration(package, tried if tried is not None else []) or loaded
+    return loaded
 
 
 def _load_entry_points(tried: list[str]) -> bool:

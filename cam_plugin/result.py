@@ -10,23 +10,34 @@ they are at that moment, in the order the caller chains them. The usual chain is
 * ``boxes(threshold)`` keeps pixels ``>= threshold × max`` *of each map as it is*:
   on a normalized map that is the paper's "20% of the max"; on a raw map with negative
   values it is still a fraction of that map's own maximum.
+
+A result is a batch: ``len(res)`` is the number of images, ``res[i]`` / ``res[a:b]`` /
+``res[mask]`` / ``res[indices]`` (or :meth:`CAMResult.select`) the result of those images,
+and iterating gives one single-image result per image.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import CAMInputError
-
-if TYPE_CHECKING:
-    from .placement import Placement
+from .placement import Placement, place_maps
 
 __all__ = ["CAMResult", "minmax_normalize"]
+
+#: what selects images of a batch: an int, a slice, a bool mask or a list / 1-D tensor of
+#: indices
+BatchIndex = Union[int, slice, Sequence[int], Sequence[bool], Tensor, np.ndarray]
+
+_MODES = ("bilinear", "bicubic", "nearest")
 
 
 def minmax_normalize(maps: Tensor) -> Tensor:
@@ -41,6 +52,42 @@ def minmax_normalize(maps: Tensor) -> Tensor:
     safe = torch.where(span > 0, span, torch.ones_like(span))
     out = torch.where(span > 0, (flat - lo) / safe, torch.zeros_like(flat))
     return out.reshape(maps.shape)
+
+
+def _as_int(value: Any) -> Optional[int]:
+    """``value`` as an int when it is an integer (Python, numpy, 0-d integer tensor; not a
+    bool), else ``None``."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, Tensor) and (value.dim() != 0 or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _upsample_size(size: Any, input_size: tuple[int, int]) -> tuple[int, int]:
+    """The ``(H, W)`` that :meth:`CAMResult.upsample` resizes to: ``input_size`` for
+    ``None``, ``(n, n)`` for an int ``n``, or the two ints of ``(H, W)``, all ``>= 1``.
+
+    Raises:
+        CAMInputError: anything else (floats, bools, other lengths, values < 1).
+    """
+    if size is None:
+        return input_size
+    n = _as_int(size)
+    values: list[Optional[int]] = [n, n] if n is not None else [None]
+    listlike = isinstance(size, (Sequence, Tensor, np.ndarray)) and not isinstance(size, str)
+    if n is None and listlike and getattr(size, "ndim", 1) == 1 and len(size) == 2:
+        values = [_as_int(size[0]), _as_int(size[1])]
+    h, w = values[0], values[-1]
+    if len(values) != 2 or h is None or w is None or h < 1 or w < 1:
+        raise CAMInputError(
+            f"upsample size must be None (the input size {input_size}), an int n (an n x n "
+            f"map) or (H, W) with integers H, W >= 1; got {size!r}"
+        )
+    return h, w
 
 
 @dataclass(frozen=True)
@@ -94,7 +141,7 @@ class CAMResult:
 
     def upsample(
         self,
-        size: Optional[tuple[int, int]] = None,
+        size: Union[int, Sequence[int], None] = None,
         mode: Literal["bilinear", "bicubic", "nearest"] = "bilinear",
         align_corners: Optional[bool] = False,
         placement: Union[Placement, Literal["auto", "bilinear"], None] = "auto",
@@ -102,7 +149,9 @@ class CAMResult:
         """Resize the maps, by default to the input size.
 
         Args:
-            size: ``(H, W)``; default the input size.
+            size: ``(H, W)`` (integers ``>= 1``); an int ``n`` means ``n x n`` (like
+                ``F.interpolate``); ``None`` (default) the input size. Anything else (a
+                float, a bool, three values) raises :class:`~cam_plugin.CAMInputError`.
             mode: interpolation (``"bilinear"``, ``"bicubic"``, ``"nearest"``).
             align_corners: as in ``F.interpolate`` (plain upsampling only).
             placement: where feature cell ``i`` goes: at input pixel ``o + s·i`` for a
@@ -114,30 +163,20 @@ class CAMResult:
                 plain ``F.interpolate`` (``align_corners=False`` puts cell ``i`` at
                 ``s·i + (s − 1)/2``, half a cell off for padded strided convolutions).
         """
-        target = tuple(size) if size is not None else self.input_size
-        if len(target) != 2 or min(target) < 1:
-            raise CAMInputError(f"upsample size must be (H, W) with H, W >= 1, got {size}")
-        if placement == "auto":
-            placement = self.placement
-        elif placement == "bilinear":
-            placement = None
-        elif placement is not None and not hasattr(placement, "offset"):
+        target = _upsample_size(size, self.input_size)
+        if mode not in _MODES:
+            raise CAMInputError(f"upsample mode must be one of {_MODES}, got {mode!r}")
+        if isinstance(placement, str) and placement in ("auto", "bilinear"):
+            placement = self.placement if placement == "auto" else None
+        elif placement is not None and not isinstance(placement, Placement):
             raise CAMInputError(
                 f"placement must be a cam_plugin.placement.Placement, 'auto', 'bilinear' or "
                 f"None; got {placement!r}"
             )
         if placement is not None:
-            from .placement import place_maps
-
             if mode == "bicubic":
                 raise CAMInputError("placed upsampling supports mode 'bilinear' or 'nearest'")
-            sy, sx = (t / i for t, i in zip(target, self.input_size))
-            scaled = type(placement)(
-                (placement.stride[0] * sy, placement.stride[1] * sx),
-                ((placement.offset[0] + 0.5) * sy - 0.5, (placement.offset[1] + 0.5) * sx - 0.5),
-                source=placement.source,
-                disagreement=placement.disagreement,
-            )
+            scaled = placement.rescaled(self.input_size, target)
             maps = place_maps(self.maps, target, scaled, mode=mode)  # type: ignore[arg-type]
             return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
         ac = None if mode == "nearest" else align_corners
@@ -169,6 +208,70 @@ class CAMResult:
 
         return masks(self.maps, threshold)
 
+    # -- the batch -----------------------------------------------------------------------
+    def __len__(self) -> int:
+        """The number of images ``B``."""
+        return int(self.maps.shape[0])
+
+    def __iter__(self) -> Iterator[CAMResult]:
+        """One single-image result per image (``res[i]`` for ``i`` in ``range(len(res))``)."""
+        return (self[i] for i in range(len(self)))
+
+    def __getitem__(self, index: BatchIndex) -> CAMResult:
+        """The result of some images of the batch; every per-image field (``maps``,
+        ``logits``, ``classes``, ``bias``) is indexed the same way, and ``input_size``,
+        ``exact``, ``stage`` and ``placement`` are kept.
+
+        Args:
+            index: an int (a batch of that one image: the batch dim is kept), a slice, a
+                bool mask of length ``B``, or a list / 1-D tensor / array of indices
+                (negative counts from the end, repeats allowed).
+
+        Raises:
+            CAMInputError: an index out of range, a mask of another length, floats, a tuple
+                (``res[i, j]``: only the batch is indexed), or a multi-dimensional index.
+        """
+        rows = self._rows(index)
+        return replace(
+            self,
+            maps=self.maps[_on(rows, self.maps)],
+            logits=self.logits[_on(rows, self.logits)],
+            classes=self.classes[_on(rows, self.classes)],
+            bias=self.bias[_on(rows, self.bias)],
+        )
+
+    def select(self, index: BatchIndex) -> CAMResult:
+        """``res[index]``: the result of some images (see :meth:`__getitem__`)."""
+        return self[index]
+
+    def _rows(self, index: Any) -> Union[slice, Tensor]:
+        n = len(self)
+        what = (
+            "index a CAMResult with an int, a slice, a bool mask of length B or a list / 1-D "
+            f"tensor of image indices (B = {n})"
+        )
+        i = _as_int(index)
+        if i is not None:
+            if not -n <= i < n:
+                raise CAMInputError(f"image index {i} is out of range; {what}")
+            return slice(i % n, i % n + 1)
+        if isinstance(index, slice):
+            if index.step is not None and index.step <= 0:
+                return torch.tensor(list(range(n)[index]), dtype=torch.long)
+            return index
+        if isinstance(index, (tuple, str, bytes)) or not isinstance(
+            index, (Sequence, Tensor, np.ndarray)
+        ):
+            raise CAMInputError(f"{what}; got {type(index).__name__} {index!r}")
+        rows = _index_tensor(index, what)
+        if rows.dtype == torch.bool:
+            if rows.numel() != n:
+                raise CAMInputError(f"the mask has {rows.numel()} entries for {n} images; {what}")
+            return rows.nonzero().flatten()
+        if rows.numel() and not bool(((rows >= -n) & (rows < n)).all()):
+            raise CAMInputError(f"image indices {rows.tolist()} are out of range; {what}")
+        return rows % max(n, 1)
+
     def per_image(self) -> list[tuple[Tensor, Tensor]]:
         """``[(classes_i, maps_i), ...]`` without the padding of ragged targets."""
         return [(c[v], m[v]) for c, m, v in zip(self.classes, self.maps, self.valid)]
@@ -191,3 +294,29 @@ class CAMResult:
             f"CAMResult(maps={tuple(self.maps.shape)}, classes={tuple(self.classes.shape)}, "
             f"input_size={self.input_size}, stage={self.stage!r}, exact={self.exact})"
         )
+
+
+def _index_tensor(index: Any, what: str) -> Tensor:
+    """A list / array / tensor index as a 1-D bool or int64 tensor (on the CPU for lists)."""
+    if isinstance(index, Tensor):
+        rows = index
+    else:
+        values = list(index)
+        if values and all(isinstance(v, (bool, np.bool_)) for v in values):
+            rows = torch.tensor([bool(v) for v in values], dtype=torch.bool)
+        else:
+            ints = [_as_int(v) for v in values]
+            if any(v is None for v in ints):
+                raise CAMInputError(f"{what}; got {index!r}")
+            rows = torch.tensor(ints, dtype=torch.long)
+    if rows.dim() != 1:
+        raise CAMInputError(f"{what}; got an index of shape {tuple(rows.shape)}")
+    if rows.dtype == torch.bool:
+        return rows
+    if rows.is_floating_point() or rows.is_complex():
+        raise CAMInputError(f"{what}; got a {rows.dtype} index")
+    return rows.long()
+
+
+def _on(rows: Union[slice, Tensor], ref: Tensor) -> Union[slice, Tensor]:
+    return rows.to(ref.device) if isinstance(rows, Tensor) else rows

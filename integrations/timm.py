@@ -1,30 +1,53 @@
-"""timm adapters, and the real pretrained EfficientNet-Lite0 used by the demo.
+"""timm adapters, timm's trunk builder for :func:`cam_plugin.convert`, and the real
+pretrained EfficientNet-Lite0 used by the demo.
 
 Any timm classifier whose head is ``global average pool -> affine`` resolves: the
 adapter runs the generic probe (:func:`cam_plugin.discovery.discover`) at the
 model's own input size (``pretrained_cfg``) and with its ``num_prefix_tokens``,
 after checking timm's ``global_pool`` setting so that CLS-token, attention
 (``'map'``) and max pooling are refused with a message that says what to change.
+
+:func:`timm_trunk` cuts a timm model for :func:`cam_plugin.convert`: ``stage=-1`` is the
+whole ``forward_features`` (classifier removed with ``reset_classifier(0, "")``); any other
+stage indexes ``model.feature_info`` like ``features_only=True, out_indices=(stage,)``,
+with later stages, the final norm and the head pruned by ``prune_intermediate_layers`` and
+the result checked against ``forward_intermediates``; a ``features_only`` model's list of
+maps gives one stage per item, named by its ``feature_info``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import timm
 import torch
-from torch import nn
+from timm.models import FeatureListNet
+from torch import Tensor, nn
 
 from cam_plugin.adapter import Adapter
 from cam_plugin.discovery import discover, guess_input_size
-from cam_plugin.errors import CONVERT_HINT, UnsupportedHeadError
+from cam_plugin.errors import CONVERT_HINT, CAMInputError, UnsupportedHeadError
+from cam_plugin.probing import untouched
 from cam_plugin.registry import register_adapter
+from cam_plugin.trunks import (
+    SelectOutput,
+    StageInfo,
+    Trunk,
+    multi_output_trunk,
+    probe_backbone,
+    register_trunk_builder,
+    resolve_stage,
+)
 
 __all__ = [
+    "TimmFeatures",
+    "TimmIntermediate",
     "efficientnet_lite0_pretrained",
     "imagenet_class_names",
     "is_timm_model",
     "timm_adapter",
+    "timm_stages",
+    "timm_trunk",
 ]
 
 _REFUSED_POOLS = {
@@ -96,6 +119,160 @@ def timm_adapter(
 
 
 register_adapter(is_timm_model, timm_adapter, name="timm")
+
+
+# ------------------------------------------------------------------------ convert: trunks
+
+
+class TimmFeatures(nn.Module):
+    """A timm model's ``forward_features`` as a module (NHWC outputs made NCHW).
+
+    Args:
+        model: the timm model (its classifier already removed).
+        channels_last: the model returns ``(B, h, w, K)`` (e.g. Swin); permute to NCHW.
+    """
+
+    def __init__(self, model: nn.Module, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``forward_features(x)`` as ``(B, K, h, w)``."""
+        f = self.model.forward_features(x)  # type: ignore[operator]
+        if self.channels_last:
+            f = f.permute(0, 3, 1, 2)
+        return f
+
+
+class TimmIntermediate(nn.Module):
+    """One intermediate of a timm model through ``forward_intermediates`` (used when the
+    pruned ``forward_features`` does not end at the requested stage).
+
+    Args:
+        model: the timm model, pruned after ``index``.
+        index: the ``feature_info`` index to return.
+    """
+
+    def __init__(self, model: nn.Module, index: int) -> None:
+        super().__init__()
+        self.model = model
+        self.index = index
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The ``index``-th intermediate feature map."""
+        out = self.model.forward_intermediates(  # type: ignore[operator]
+            x, indices=[self.index], intermediates_only=True
+        )
+        return out[-1]
+
+
+def timm_stages(model: nn.Module) -> tuple[StageInfo, ...]:
+    """Every entry of the model's ``feature_info`` as a :class:`~cam_plugin.trunks.StageInfo`
+    (empty without one)."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        return ()
+    entries: list[Any]
+    if isinstance(info, list):
+        entries = info
+    else:
+        entries = [info.info[i] for i in range(len(info.info))] if hasattr(info, "info") else []
+    return tuple(
+        StageInfo(i, str(e.get("module", i)), int(e.get("num_chs", 0)), float(e["reduction"]))
+        for i, e in enumerate(entries)
+    )
+
+
+def _whole_features(model: nn.Module, x: Tensor, stages: tuple[StageInfo, ...]) -> Trunk:
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(0, "")  # type: ignore[operator]
+    features = TimmFeatures(model)
+    out = probe_backbone(features, x)
+    num = getattr(model, "num_features", None)
+    if (
+        isinstance(out, Tensor)
+        and out.dim() == 4
+        and isinstance(num, int)
+        and out.shape[1] != num
+        and out.shape[-1] == num
+    ):
+        features.channels_last = True
+    return Trunk(features, "timm", -1, "forward_features", stages)
+
+
+def _pruned_features(model: nn.Module, idx: int, x: Tensor) -> Optional[nn.Module]:
+    """``forward_features`` after ``prune_intermediate_layers([idx])`` when it still gives the
+    ``idx``-th intermediate, else :class:`TimmIntermediate`; ``None`` when the model cannot
+    be pruned."""
+    try:
+        with untouched(model):
+            reference = model.forward_intermediates(  # type: ignore[operator]
+                x, indices=[idx], intermediates_only=True
+            )[-1]
+        model.prune_intermediate_layers(  # type: ignore[operator]
+            [idx], prune_norm=True, prune_head=True
+        )
+    except (NotImplementedError, AssertionError, TypeError, AttributeError):
+        return None
+    trunk: nn.Module = TimmFeatures(model)
+    try:
+        with untouched(trunk):
+            got = trunk(x)
+        same = (
+            isinstance(got, Tensor)
+            and got.shape == reference.shape
+            and torch.allclose(got, reference, rtol=1e-4, atol=1e-5)
+        )
+    except Exception:
+        same = False
+    return trunk if same else TimmIntermediate(model, idx)
+
+
+def _stage_features(
+    model: nn.Module, stage: int, x: Tensor, stages: tuple[StageInfo, ...]
+) -> Trunk:
+    if not stages:
+        raise CAMInputError(
+            f"timm model {type(model).__name__} has no feature_info, so stage={stage} cannot "
+            "be resolved; use stage=-1"
+        )
+    idx = resolve_stage(stage, stages, type(model).__name__)
+    name = stages[idx].name
+    trunk: Optional[nn.Module] = None
+    if hasattr(model, "prune_intermediate_layers") and hasattr(model, "forward_intermediates"):
+        trunk = _pruned_features(model, idx, x)
+    if trunk is None:
+        trunk = SelectOutput(FeatureListNet(model, out_indices=(idx,)), 0)
+    return Trunk(trunk, "timm", idx, name, stages)
+
+
+def timm_trunk(model: nn.Module, stage: Union[int, str], x: Tensor) -> Optional[Trunk]:
+    """The trunk of a timm model for :func:`cam_plugin.convert` (module doc), or ``None``
+    for what the generic trunks handle (a string ``stage``, a dict output).
+
+    Args:
+        model: the timm model (modified: classifier removed, later stages pruned).
+        stage: ``-1`` for ``forward_features``, else a ``feature_info`` index; for a
+            ``features_only`` model the position in its list of maps.
+        x: the probe batch.
+    """
+    if not is_timm_model(model) or not isinstance(stage, int):
+        return None
+    if hasattr(model, "forward_features"):
+        stages = timm_stages(model)
+        if stage == -1:
+            return _whole_features(model, x, stages)
+        return _stage_features(model, stage, x, stages)
+    out = probe_backbone(model, x)  # a features_only model: a list of maps
+    if not isinstance(out, (tuple, list)):
+        return None
+    info = getattr(model, "feature_info", None)
+    names = info.module_name() if info is not None and hasattr(info, "module_name") else None
+    return multi_output_trunk(model, stage, out, x, family="timm-features", names=names)
+
+
+register_trunk_builder(is_timm_model, timm_trunk, name="timm")
 
 
 def imagenet_class_names() -> list[str]:

@@ -6,20 +6,36 @@ torchvision classifiers are resolved by the generic probe at their input size
 ConvNeXt (LayerNorm head, folded exactly), RegNet, MobileNetV2, ShuffleNetV2,
 GoogLeNet and Inception v3 (eval mode) resolve. VGG, AlexNet and MobileNetV3 have
 non-linear MLP heads after the pool and are refused with the ``convert`` hint.
+
+:func:`torchvision_trunk` cuts a torchvision classifier for :func:`cam_plugin.convert`:
+its layers before the first pooling / classifier layer run in order (``features``,
+``trunk_output``, ``layers`` are opened up by :func:`cam_plugin.trunks.sequential_trunk`);
+auxiliary classifiers are dropped; GoogLeNet / Inception v3's ``transform_input`` and
+DenseNet's final ``F.relu`` (code in their ``forward``, not layers) are kept as modules.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from collections.abc import Sequence
+from typing import Optional, Union
 
+import torch
 import torchvision  # noqa: F401  (the integration is for torchvision models)
-from torch import nn
+from torch import Tensor, nn
 
 from cam_plugin.adapter import Adapter
 from cam_plugin.discovery import discover, guess_input_size
+from cam_plugin.errors import CAMInputError
 from cam_plugin.registry import register_adapter
+from cam_plugin.trunks import Trunk, register_trunk_builder, sequential_trunk
 
-__all__ = ["is_torchvision_model", "torchvision_adapter"]
+__all__ = [
+    "InputTransform",
+    "children_before_head",
+    "is_torchvision_model",
+    "torchvision_adapter",
+    "torchvision_trunk",
+]
 
 
 def is_torchvision_model(model: nn.Module) -> bool:
@@ -37,3 +53,72 @@ def torchvision_adapter(model: nn.Module) -> Optional[Adapter]:
 
 
 register_adapter(is_torchvision_model, torchvision_adapter, name="torchvision")
+
+
+# ------------------------------------------------------------------------ convert: trunks
+
+#: children that start a torchvision classifier's head (the trunk ends before the first)
+HEAD_NAMES = frozenset({"avgpool", "fc", "classifier", "head", "heads", "global_pool", "dropout"})
+HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear, nn.Flatten)
+#: ImageNet statistics; ``transform_input=True`` re-expresses them as ``mean = std = 0.5``
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: token models whose stages are not NCHW maps: only their whole trunk can be used
+TOKEN_MODELS = frozenset({"VisionTransformer", "SwinTransformer", "MaxVit"})
+
+
+class InputTransform(nn.Module):
+    """Per-channel affine map ``x_c · a_c + b_c`` (torchvision GoogLeNet / Inception v3 apply
+    one when ``transform_input=True``: ImageNet normalization re-expressed as ``mean = std
+    = 0.5``)."""
+
+    def __init__(self, scale: Sequence[float], shift: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(list(scale)).view(1, -1, 1, 1))
+        self.register_buffer("shift", torch.tensor(list(shift)).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x · scale + shift``."""
+        return x * self.scale + self.shift  # type: ignore[operator]
+
+
+def children_before_head(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's children up to (not including) the first head layer, without auxiliary
+    classifiers (GoogLeNet / Inception v3 run those in training only)."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if name.lower().startswith("aux"):
+            continue
+        if name in HEAD_NAMES or isinstance(child, HEAD_TYPES):
+            break
+        out.append((name, child))
+    return out
+
+
+def torchvision_trunk(model: nn.Module, stage: Union[int, str], x: Tensor) -> Optional[Trunk]:
+    """The trunk of a torchvision classifier for :func:`cam_plugin.convert` (module doc), or
+    ``None`` for a string ``stage`` (left to the generic trunks).
+
+    Raises:
+        CAMInputError: ``stage != -1`` on a ViT / Swin / MaxViT (their stages are tokens).
+    """
+    if not is_torchvision_model(model) or not isinstance(stage, int):
+        return None
+    name = type(model).__name__
+    if name in TOKEN_MODELS and stage != -1:
+        raise CAMInputError(
+            f"torchvision {name} supports only stage=-1 here (its stages are not NCHW "
+            "maps); timm's versions with features_only=True give NCHW stages"
+        )
+    prefix: list[tuple[str, nn.Module]] = []
+    if getattr(model, "transform_input", False) is True:
+        scale = [s / 0.5 for s in IMAGENET_STD]
+        shift = [(m - 0.5) / 0.5 for m in IMAGENET_MEAN]
+        prefix.append(("transform_input", InputTransform(scale, shift)))
+    tail = [("relu", nn.ReLU(inplace=False))] if name == "DenseNet" else []
+    return sequential_trunk(
+        model, children_before_head(model), stage, x, "torchvision", prefix=prefix, tail=tail
+    )
+
+
+register_trunk_builder(is_torchvision_model, torchvision_trunk, name="torchvision")

@@ -1,10 +1,13 @@
 """cam_plugin.convert: any backbone -> CAM-exact GAP classifier (timm, torchvision, tuple
 outputs, plain modules), stages and map sizes, training, save / load, script / compile, GMP
-opt-in, bad input."""
+opt-in, bad input; the trunk-builder registry (cam_plugin.trunks) and the framework builders
+loaded with their integrations."""
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -15,8 +18,10 @@ from helpers import assert_identity, images, randomize_head
 from torch import nn
 
 import cam_plugin as cp
+from cam_plugin import trunks
 from cam_plugin.convert import CAMClassifier
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError
+from cam_plugin.trunks import SelectOutput, Trunk, register_trunk_builder
 
 SIZE = 64
 WIDTHS = (16, 32, 64, 128)
@@ -361,3 +366,59 @@ def test_convert_keeps_the_mode_and_leaves_no_hooks() -> None:
     assert cp.count_hooks(model) == 0
     frozen = cp.convert(copy.deepcopy(src).eval(), 2, input_size=(3, 32, 32))
     assert not frozen.training
+
+
+# --------------------------------------------------------------------- trunk builders
+
+
+class OwnFamily(TwoStages):
+    """A family with its own trunk builder (registered below, for this class only)."""
+
+
+def _own_builder(model: nn.Module, stage: object, x: torch.Tensor) -> Trunk | None:
+    if stage == "decline":
+        return None  # left to the generic trunks
+    return Trunk(SelectOutput(model, 0), "own", 0, "layer1 (own)", ())
+
+
+def test_registered_trunk_builder_is_used_and_may_decline() -> None:
+    register_trunk_builder(OwnFamily, _own_builder, name="own-family")
+    assert "own-family" in trunks.registered_trunk_builders()
+    own = cp.convert(OwnFamily(), 3, input_size=(3, 32, 32))
+    assert (own.info.family, own.info.stage_name, own.info.map_size) == (
+        "own",
+        "layer1 (own)",
+        (8, 8),
+    )
+    assert_identity(_cam(own, images(2, 32)))
+    # a builder that declines leaves the model to the generic trunks (here: a tuple output)
+    with pytest.raises(CAMInputError, match="a string selects a key of a dict output"):
+        cp.convert(OwnFamily(), 3, stage="decline", input_size=(3, 32, 32))
+    with pytest.raises(CAMInputError, match="register_trunk_builder: builder"):
+        register_trunk_builder(OwnFamily, "not callable")  # type: ignore[arg-type]
+
+
+def test_framework_trunk_builders_load_with_their_integration() -> None:
+    code = (
+        "import sys; import cam_plugin as cp; from cam_plugin import trunks; "
+        "assert not {'timm', 'torchvision'} & set(sys.modules), 'framework imported'; "
+        "assert trunks.registered_trunk_builders() == []; "
+        "import timm; m = timm.create_model('resnet18', channels=(8, 8, 8, 8), stem_width=8); "
+        "c = cp.convert(m, 2, stage=2, input_size=(3, 32, 32)); "
+        "print(c.info.family, c.info.stage_name, sorted(trunks.registered_trunk_builders()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["timm", "layer2", "['timm']"]
+
+
+def test_names_moved_out_of_convert_still_import() -> None:
+    from cam_plugin.integrations.timm import TimmFeatures as Moved
+    from cam_plugin.integrations.torchvision import InputTransform as MovedTV
+
+    from cam_plugin.convert import InputTransform, StageInfo, TimmFeatures
+
+    assert TimmFeatures is Moved and InputTransform is MovedTV
+    assert StageInfo is trunks.StageInfo
+    with pytest.raises(ImportError, match="cannot import name 'Nope'"):
+        from cam_plugin.convert import Nope  # type: ignore[attr-defined]  # noqa: F401

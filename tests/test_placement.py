@@ -1,5 +1,6 @@
-"""cam_plugin.placement: receptive-field centres traced from strides / paddings, checked by
-hand-derived arithmetic and by an independent gradient measurement; placed upsampling."""
+"""cam_plugin.placement (geometry) and cam_plugin.tracing (the frame tracer): receptive-field
+centres traced from strides / paddings, checked by hand-derived arithmetic and by an
+independent gradient measurement; placed upsampling."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from torch import nn
 
 import cam_plugin as cp
 from cam_plugin.errors import CAMInputError
-from cam_plugin.placement import Placement, feature_placement, place_maps, trace_placement
+from cam_plugin.placement import Placement, place_maps
+from cam_plugin.tracing import feature_placement, trace_placement
 
 
 def test_half_pixel_placement_is_plain_bilinear() -> None:
@@ -123,7 +125,7 @@ def test_trace_leaves_model_untouched() -> None:
 def test_feature_placement_and_upsample_option() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
-    p = feature_placement(model, (3, 64, 64))
+    p = feature_placement(model, (3, 64, 64), cp.resolve(model))
     assert p.stride == (32.0, 32.0) and p.offset == (0.0, 0.0) and p.source == "traced"
     with cp.CAM(model) as cam:
         res = cam(images(2, 64), topk=2)
@@ -187,8 +189,18 @@ def test_lost_frame_falls_back_to_half_pixel() -> None:
     import timm
 
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, global_pool="avg")
-    p = feature_placement(vit.eval(), (3, 32, 32))
+    p = feature_placement(vit.eval(), (3, 32, 32), cp.resolve(vit))
     assert p.source == "assumed" and p.stride == (16.0, 16.0) and p.offset == (7.5, 7.5)
+
+
+def test_feature_placement_needs_the_adapter() -> None:
+    model = torchvision.models.resnet18().eval()
+    with pytest.raises(TypeError, match="adapter must be a cam_plugin.Adapter"):
+        feature_placement(model, (3, 32, 32), "resnet")  # type: ignore[arg-type]
+    with pytest.raises(CAMInputError, match=r"\(C, H, W\) or \(H, W\)"):
+        feature_placement(model, (32,), cp.resolve(model))
+    # (H, W): the channels come from the adapter
+    assert feature_placement(model, (64, 64), cp.resolve(model)).stride == (32.0, 32.0)
 
 
 def test_bad_placement_input() -> None:
