@@ -10,7 +10,9 @@ Two rules live here, side by side (see ``docs/localization.md``):
   Localization Methods Right"), :func:`contour_boxes`: quantize the map to ``uint8``,
   binarize strictly above ``int(threshold * max)``, find contours with OpenCV and box the
   largest contour (or every contour). This is what :mod:`cam_plugin.metrics` uses so that
-  MaxBoxAcc / MaxBoxAccV2 numbers are comparable with published ones.
+  MaxBoxAcc / MaxBoxAccV2 numbers are comparable with published ones; its steps are public
+  so the metrics share them: :func:`as_numpy_maps` (the maps' contract), :func:`quantize_maps`
+  (step 1) and :func:`contour_sweep` (steps 2-6 for a whole threshold sweep of one map).
 
 Box convention (both rules): ``(x0, y0, x1, y1)`` in *inclusive* pixel coordinates, int64;
 ``x`` indexes columns (width), ``y`` rows (height). A box ``(2, 3, 2, 3)`` covers one pixel.
@@ -30,12 +32,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import CAMInputError
+
 __all__ = [
     "ContourBoxes",
+    "ContourSweep",
     "TopKBoxes",
+    "as_numpy_maps",
     "contour_boxes",
+    "contour_sweep",
     "label_components",
     "masks",
+    "quantize_maps",
     "threshold_boxes",
     "topk_boxes",
 ]
@@ -55,18 +63,18 @@ def _check_tensor_maps(maps: object, name: str = "maps") -> Tensor:
     if not isinstance(maps, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (..., H, W), got {type(maps)!r}.")
     if maps.dim() < 2:
-        raise ValueError(
+        raise CAMInputError(
             f"{name} must have at least 2 dims (..., H, W); got shape {tuple(maps.shape)}."
         )
     if maps.shape[-1] == 0 or maps.shape[-2] == 0:
-        raise ValueError(f"{name} has an empty spatial size {tuple(maps.shape[-2:])}.")
+        raise CAMInputError(f"{name} has an empty spatial size {tuple(maps.shape[-2:])}.")
     if not (maps.is_floating_point() or maps.dtype == torch.bool):
         raise TypeError(
             f"{name} must be a floating point tensor, got dtype {maps.dtype}; "
             f"convert with {name}.float()."
         )
     if maps.is_floating_point() and bool(torch.isnan(maps).any()):
-        raise ValueError(
+        raise CAMInputError(
             f"{name} contains NaN values; check the model output (a NaN logit or a 0/0 "
             "normalization of a constant map) before localizing."
         )
@@ -81,15 +89,33 @@ def _check_threshold(threshold: object, name: str = "threshold") -> float:
         )
     value = float(threshold)
     if not (0.0 <= value <= 1.0):
-        raise ValueError(
+        raise CAMInputError(
             f"{name} must be a fraction of each map's maximum in [0, 1], got {value}; "
             "e.g. 0.2 keeps pixels at or above 20% of the peak."
         )
     return value
 
 
-def _as_numpy_maps(maps: object, name: str = "maps") -> np.ndarray:
-    """Maps (tensor or array, (..., H, W)) as a float64 numpy array, validated."""
+def as_numpy_maps(maps: object, name: str = "maps") -> np.ndarray:
+    """Maps (tensor or array ``(..., H, W)``) as a float64 numpy array, validated.
+
+    The input contract of the evaluation rule (:func:`contour_boxes`) and of
+    :mod:`cam_plugin.metrics`: a float (or bool) tensor / array with at least two dims, a
+    non-empty spatial size, no NaN, and every value in ``[0, 1]`` (min-max normalized).
+    A tensor is detached and copied to the CPU.
+
+    Args:
+        maps: ``torch.Tensor`` or ``np.ndarray`` ``(..., H, W)``.
+        name: how the argument is called in error messages.
+
+    Returns:
+        float64 array of the same shape.
+
+    Raises:
+        TypeError: not a tensor / array, or an integer array.
+        CAMInputError: fewer than two dims, an empty spatial size, NaN, values outside
+            ``[0, 1]``.
+    """
     if isinstance(maps, Tensor):
         arr = maps.detach().to("cpu", torch.float64).numpy()
     elif isinstance(maps, np.ndarray):
@@ -105,13 +131,13 @@ def _as_numpy_maps(maps: object, name: str = "maps") -> np.ndarray:
             f"{type(maps)!r}."
         )
     if arr.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 dims (..., H, W); got shape {arr.shape}.")
+        raise CAMInputError(f"{name} must have at least 2 dims (..., H, W); got shape {arr.shape}.")
     if arr.shape[-1] == 0 or arr.shape[-2] == 0:
-        raise ValueError(f"{name} has an empty spatial size {arr.shape[-2:]}.")
+        raise CAMInputError(f"{name} has an empty spatial size {arr.shape[-2:]}.")
     if np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN values; fix the maps before localizing.")
+        raise CAMInputError(f"{name} contains NaN values; fix the maps before localizing.")
     if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-        raise ValueError(
+        raise CAMInputError(
             f"{name} must lie in [0, 1] (min-max normalize each map first, e.g. "
             f"CAMResult.normalize() or cam_plugin.minmax_normalize); got "
             f"min={arr.min():.4g}, max={arr.max():.4g}."
@@ -132,11 +158,11 @@ def _check_thresholds(thresholds: object) -> np.ndarray:
             "np.arange(0, 1, 0.01)."
         ) from exc
     if arr.ndim != 1 or arr.size == 0:
-        raise ValueError(
+        raise CAMInputError(
             f"thresholds must be a non-empty 1-D sequence of floats, got shape {arr.shape}."
         )
     if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
-        raise ValueError(
+        raise CAMInputError(
             "thresholds must be finite fractions of each map's maximum in [0, 1]; got "
             f"min={arr.min()}, max={arr.max()}."
         )
@@ -204,7 +230,7 @@ def label_components(mask: Tensor) -> Tensor:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         raise TypeError("mask must be a bool torch.Tensor of shape (..., H, W).")
     if mask.dim() < 2:
-        raise ValueError(f"mask must have at least 2 dims (..., H, W); got {tuple(mask.shape)}.")
+        raise CAMInputError(f"mask must have at least 2 dims (..., H, W); got {tuple(mask.shape)}.")
     h, w = mask.shape[-2:]
     hw = h * w
     flat_mask = mask.reshape(-1, hw)
@@ -325,7 +351,7 @@ def topk_boxes(
     """
     maps = _check_tensor_maps(maps)
     if maps.dim() != 4:
-        raise ValueError(
+        raise CAMInputError(
             f"maps must be (B, C, H, W) with one map per candidate class; got shape "
             f"{tuple(maps.shape)}."
         )
@@ -333,17 +359,17 @@ def topk_boxes(
         raise TypeError(f"scores must be a torch.Tensor (B, C), got {type(scores)!r}.")
     b, c = maps.shape[:2]
     if tuple(scores.shape) != (b, c):
-        raise ValueError(
+        raise CAMInputError(
             f"scores must have shape (B, C) = {(b, c)} to match maps {tuple(maps.shape)}; got "
             f"{tuple(scores.shape)}."
         )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= c:
-        raise ValueError(f"k must be an int in [1, C={c}], got {k!r}.")
+        raise CAMInputError(f"k must be an int in [1, C={c}], got {k!r}.")
     if classes is None:
         class_ids = torch.arange(c, device=maps.device).expand(b, c)
     else:
         if not isinstance(classes, Tensor) or tuple(classes.shape) != (b, c):
-            raise ValueError(
+            raise CAMInputError(
                 f"classes must be an int tensor of shape (B, C) = {(b, c)} giving the class id "
                 "of each map."
             )
@@ -378,15 +404,41 @@ class ContourBoxes(NamedTuple):
         return list(np.split(self.boxes, np.cumsum(self.counts)[:-1]))
 
 
-def _map_contour_boxes(
-    image: np.ndarray, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every contour box of one uint8 image at every threshold (Choe et al.'s steps).
+class ContourSweep(NamedTuple):
+    """Every contour box of one quantized map at every threshold of a sweep.
 
-    Returns ``(boxes (n_total, 4), counts (T,), largest (T,))``: the boxes of all thresholds
-    concatenated in threshold order, how many belong to each threshold (an empty threshold
-    gets the box ``(0, 0, 0, 0)``, so ``counts >= 1``), and the row in ``boxes`` of each
-    threshold's largest contour.
+    Attributes:
+        boxes: int64 ``(n_total, 4)``, inclusive ``(x0, y0, x1, y1)``: the boxes of every
+            contour of all thresholds, concatenated in threshold order.
+        counts: int64 ``(T,)``: ``counts[t]`` boxes belong to threshold ``t`` (``>= 1``: a
+            threshold without contours contributes the box ``(0, 0, 0, 0)``).
+        largest: int64 ``(T,)``: the row in ``boxes`` of each threshold's largest contour
+            (the first one of maximal area), so ``boxes[largest]`` is MaxBoxAcc's box per
+            threshold.
+    """
+
+    boxes: np.ndarray
+    counts: np.ndarray
+    largest: np.ndarray
+
+
+def contour_sweep(image: np.ndarray, thresholds: np.ndarray) -> ContourSweep:
+    """Every contour box of one ``uint8`` map at every threshold (Choe et al.'s steps 2-6
+    of :func:`contour_boxes`, for a map already quantized by :func:`quantize_maps`).
+
+    At threshold ``t`` the binary image is ``image > int(t * max(image))``; its contours
+    (``cv2.findContours``, ``RETR_TREE``, ``CHAIN_APPROX_SIMPLE``) are boxed and the largest
+    is marked. This is the per-map step :mod:`cam_plugin.metrics` runs once per image for
+    the whole sweep, reading both the largest-contour (MaxBoxAcc) and every-contour
+    (MaxBoxAccV2) boxes off one result.
+
+    Args:
+        image: ``uint8`` array ``(H, W)`` (made C-contiguous here if it is not).
+        thresholds: ``(T,)`` fractions of the map's maximum in ``[0, 1]``, e.g.
+            :func:`cam_plugin.metrics.cam_thresholds`.
+
+    Returns:
+        :class:`ContourSweep` ``(boxes, counts, largest)``.
 
     Boxes and areas are computed from the contour points at once for the whole sweep. For a
     point set ``cv2.boundingRect`` is ``(min x, min y, max x - min x + 1, ...)``, so Choe et
@@ -397,6 +449,13 @@ def _map_contour_boxes(
     """
     import cv2
 
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
+        raise TypeError(
+            "contour_sweep needs one uint8 (H, W) map; quantize float maps in [0, 1] with "
+            "quantize_maps(maps) first."
+        )
+    image = np.ascontiguousarray(image)
+    thresholds = _check_thresholds(thresholds)
     height, width = image.shape
     peak = int(image.max())
     found: list[np.ndarray] = []
@@ -437,12 +496,19 @@ def _map_contour_boxes(
     starts = np.cumsum(counts) - counts
     is_max = area == np.repeat(np.maximum.reduceat(area, starts), counts)
     largest = np.minimum.reduceat(np.where(is_max, np.arange(len(area)), len(area)), starts)
-    return boxes, counts, largest
+    return ContourSweep(boxes=boxes, counts=counts, largest=largest)
 
 
-def _quantize(maps: np.ndarray) -> np.ndarray:
-    """Choe et al.'s quantization: ``(map * 255).astype(uint8)`` (truncation), in float64."""
-    return (maps * 255).astype(np.uint8)
+def quantize_maps(maps: np.ndarray) -> np.ndarray:
+    """Choe et al.'s quantization ``q = uint8(m * 255)`` (truncation), computed in float64.
+
+    Args:
+        maps: float array of any shape with values in ``[0, 1]`` (see :func:`as_numpy_maps`).
+
+    Returns:
+        ``uint8`` array of the same shape.
+    """
+    return (np.asarray(maps, dtype=np.float64) * 255).astype(np.uint8)
 
 
 def contour_boxes(
@@ -475,13 +541,13 @@ def contour_boxes(
         One :class:`ContourBoxes` per map (``len == prod(leading dims)``, 1 for a single
         ``(H, W)`` map): ``boxes (n_total, 4)`` int64 with ``counts (T,)`` per threshold.
     """
-    arr = _as_numpy_maps(maps)
+    arr = as_numpy_maps(maps)
     thr = _check_thresholds(thresholds)
     h, w = arr.shape[-2:]
-    quantized = _quantize(arr.reshape(-1, h, w))
+    quantized = quantize_maps(arr.reshape(-1, h, w))
     out: list[ContourBoxes] = []
     for image in quantized:
-        boxes, counts, largest = _map_contour_boxes(np.ascontiguousarray(image), thr)
+        boxes, counts, largest = contour_sweep(image, thr)
         if multi_contour:
             out.append(ContourBoxes(boxes=boxes, counts=counts))
         else:

@@ -22,6 +22,14 @@ MaxBoxAcc``) and at a fixed threshold (the paper's 20% by default).
 Maps given to the metrics are the maps of the *ground-truth* class (for Top-1 Loc the box of
 the predicted class equals that box exactly when the prediction is right), already at image
 resolution and min-max normalized to ``[0, 1]``.
+
+Where the parts live: the maps' contract and the contour sweep are
+:func:`cam_plugin.localize.as_numpy_maps`, :func:`~cam_plugin.localize.quantize_maps` and
+:func:`~cam_plugin.localize.contour_sweep`; the checks of boxes, masks, class ids and sample
+ids are :mod:`cam_plugin.wsol_inputs`; the per-sample records (deduplicated by sample id, the
+same rule for batches and merged states) are :class:`cam_plugin.wsol_records.RecordStore`.
+Wrong types raise ``TypeError``; wrong shapes or values raise
+:class:`~cam_plugin.errors.CAMInputError` (a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -34,12 +42,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cam_plugin.localize import (
-    _as_numpy_maps,
-    _map_contour_boxes,
-    _quantize,
-    threshold_boxes,
+from .errors import CAMInputError
+from .localize import as_numpy_maps, contour_sweep, quantize_maps, threshold_boxes
+from .wsol_inputs import (
+    check_boxes,
+    check_class_ids,
+    check_fixed_threshold,
+    check_gt_boxes,
+    check_iou_levels,
+    check_masks,
+    check_sample_ids,
 )
+from .wsol_records import RecordStore
 
 __all__ = [
     "WSOLMetrics",
@@ -55,7 +69,6 @@ ArrayLike = Union[Tensor, np.ndarray]
 BoxesLike = Union[Tensor, np.ndarray, Sequence[Any]]
 
 _STATE_FORMAT = "cam_plugin.WSOLMetrics/1"
-_IGNORE = 255
 
 
 def cam_thresholds(cam_curve_interval: float = 0.01) -> np.ndarray:
@@ -65,7 +78,7 @@ def cam_thresholds(cam_curve_interval: float = 0.01) -> np.ndarray:
     ):
         raise TypeError(f"cam_curve_interval must be a float, got {type(cam_curve_interval)!r}.")
     if not 0.0 < float(cam_curve_interval) <= 1.0:
-        raise ValueError(
+        raise CAMInputError(
             f"cam_curve_interval must be in (0, 1] (Choe et al. use 0.01 or 0.001), got "
             f"{cam_curve_interval}."
         )
@@ -73,54 +86,6 @@ def cam_thresholds(cam_curve_interval: float = 0.01) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- boxes
-
-
-def _to_numpy(x: object) -> np.ndarray:
-    if isinstance(x, Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _check_boxes(boxes: object, name: str, allow_empty: bool = False) -> np.ndarray:
-    """Boxes as int64 ``(n, 4)``, checked for the inclusive ``(x0, y0, x1, y1)`` convention."""
-    try:
-        arr = _to_numpy(boxes)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"{name} must be an array-like of boxes (n, 4), got {type(boxes)!r}."
-        ) from exc
-    if arr.ndim == 1 and arr.shape[0] == 4:
-        arr = arr.reshape(1, 4)
-    if arr.ndim == 1 and arr.size == 0 and allow_empty:
-        arr = arr.reshape(0, 4)
-    if arr.ndim != 2 or arr.shape[1] != 4:
-        raise ValueError(
-            f"{name} must have shape (n, 4) (x0, y0, x1, y1) or (4,); got shape {arr.shape}."
-        )
-    if arr.dtype == np.bool_ or not (
-        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-    ):
-        raise TypeError(f"{name} must hold integer pixel coordinates, got dtype {arr.dtype}.")
-    is_float = np.issubdtype(arr.dtype, np.floating)
-    if is_float and (not np.isfinite(arr).all() or (arr != np.round(arr)).any()):
-        raise ValueError(
-            f"{name} must hold whole-number inclusive pixel coordinates; got non-integer "
-            "values. Round them (e.g. floor x0/y0 and ceil-1 exclusive x1/y1) first."
-        )
-    arr = arr.astype(np.int64)
-    if arr.shape[0] == 0 and not allow_empty:
-        raise ValueError(
-            f"{name} is empty: every image needs at least one ground-truth box to be scored; "
-            "leave images without boxes out of box metrics."
-        )
-    if (arr < 0).any():
-        raise ValueError(f"{name} has negative coordinates; boxes are pixel indices >= 0.")
-    if (arr[:, 2] < arr[:, 0]).any() or (arr[:, 3] < arr[:, 1]).any():
-        raise ValueError(
-            f"{name} has boxes with x1 < x0 or y1 < y0; boxes must be (x0, y0, x1, y1) with "
-            "inclusive corners (convert (x, y, w, h) with x1 = x + w - 1, y1 = y + h - 1)."
-        )
-    return arr
 
 
 def box_iou(boxes_a: BoxesLike, boxes_b: BoxesLike) -> np.ndarray:
@@ -137,8 +102,8 @@ def box_iou(boxes_a: BoxesLike, boxes_b: BoxesLike) -> np.ndarray:
     Returns:
         float64 array ``(n, m)``.
     """
-    a = _check_boxes(boxes_a, "boxes_a", allow_empty=True)
-    b = _check_boxes(boxes_b, "boxes_b", allow_empty=True)
+    a = check_boxes(boxes_a, "boxes_a", allow_empty=True)
+    b = check_boxes(boxes_b, "boxes_b", allow_empty=True)
     return _box_iou(a, b)
 
 
@@ -171,40 +136,16 @@ def best_iou_per_threshold(
     Returns:
         float64 ``(T,)``.
     """
-    gt = _check_boxes(gt_boxes, "gt_boxes")
+    gt = check_boxes(gt_boxes, "gt_boxes")
     counts = np.asarray(counts, dtype=np.int64)
     if counts.ndim != 1 or (counts < 1).any() or counts.sum() != len(boxes):
-        raise ValueError("counts must be (T,) positive ints summing to len(boxes).")
+        raise CAMInputError("counts must be (T,) positive ints summing to len(boxes).")
     ious = _box_iou(np.asarray(boxes, dtype=np.int64), gt).max(axis=1)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     return np.maximum.reduceat(ious, starts)
 
 
 # --------------------------------------------------------------------------- PxAP
-
-
-def _check_masks(gt_masks: object, shape: tuple[int, ...]) -> np.ndarray:
-    """Masks as uint8 (B, H, W) with 0 = background, 1 = foreground, 255 = ignore."""
-    arr = _to_numpy(gt_masks)
-    if arr.shape != shape:
-        raise ValueError(
-            f"gt_masks must have the maps' shape {shape} (B, H, W); got {arr.shape}. Resize "
-            "masks with nearest-neighbour interpolation to the image resolution."
-        )
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(
-            f"gt_masks must be bool, or integers with 0 = background, 1 = object, 255 = ignore; "
-            f"got dtype {arr.dtype}."
-        )
-    bad = ~np.isin(arr, (0, 1, _IGNORE))
-    if bad.any():
-        raise ValueError(
-            "gt_masks holds values other than 0 (background), 1 (object) and 255 (ignore): "
-            f"found {np.unique(arr[bad])[:5].tolist()}."
-        )
-    return arr.astype(np.uint8)
 
 
 def _histogram_edges(thresholds: np.ndarray) -> np.ndarray:
@@ -228,10 +169,10 @@ def mask_histograms(
     Returns:
         ``(hist_object, hist_background)``, two int64 arrays ``(B, T + 2)``.
     """
-    arr = _as_numpy_maps(maps)
+    arr = as_numpy_maps(maps)
     if arr.ndim != 3:
-        raise ValueError(f"maps must be (B, H, W); got shape {arr.shape}.")
-    m = _check_masks(gt_masks, arr.shape)
+        raise CAMInputError(f"maps must be (B, H, W); got shape {arr.shape}.")
+    m = check_masks(gt_masks, arr.shape)
     edges = _histogram_edges(np.asarray(thresholds, dtype=np.float64))
     nbins = len(edges) - 1
     b = arr.shape[0]
@@ -265,9 +206,9 @@ def average_precision_from_histograms(
     fn = num_true - tp
     fp = hist_f[::-1].cumsum()
     if ((tp + fn) <= 0).all():
-        raise ValueError("PxAP needs object pixels: every ground-truth mask is empty.")
+        raise CAMInputError("PxAP needs object pixels: every ground-truth mask is empty.")
     if ((tp + fp) <= 0).all():
-        raise ValueError("PxAP needs pixels: no map value was counted.")
+        raise CAMInputError("PxAP needs pixels: no map value was counted.")
     non_zero = (tp + fp) != 0
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = tp / (tp + fp)
@@ -278,14 +219,60 @@ def average_precision_from_histograms(
 # --------------------------------------------------------------------------- accumulator
 
 
-def _check_index_vector(x: object, name: str, b: int) -> np.ndarray:
-    arr = _to_numpy(x)
-    if arr.shape != (b,):
-        hint = " (pass logits.argmax(1) for predictions)" if arr.ndim == 2 else ""
-        raise ValueError(f"{name} must have shape (B,) = ({b},); got {arr.shape}{hint}.")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer class ids, got dtype {arr.dtype}.")
-    return arr.astype(np.int64)
+def _sweep_hits(
+    quantized: np.ndarray,
+    gt: np.ndarray,
+    thresholds: np.ndarray,
+    levels: np.ndarray,
+    multi_contour: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whether one image's box is right at every (IoU level, threshold).
+
+    ``hit[l, t] = best(t) >= levels[l]`` with ``best(t)`` from
+    :func:`best_iou_per_threshold`: ``(L, T)`` bools for the largest contour (MaxBoxAcc)
+    and for every contour (MaxBoxAccV2; the largest again when ``multi_contour`` is off).
+
+    Args:
+        quantized: the image's ``uint8`` map (:func:`~cam_plugin.localize.quantize_maps`).
+        gt: its ground-truth boxes ``(n, 4)``.
+        thresholds: the sweep ``(T,)``.
+        levels: IoU levels as fractions ``(L,)``.
+        multi_contour: box every contour for the second result.
+    """
+    found, counts, largest = contour_sweep(quantized, thresholds)
+    best_v1 = best_iou_per_threshold(found[largest], np.ones(len(thresholds), np.int64), gt)
+    best_v2 = best_iou_per_threshold(found, counts, gt) if multi_contour else best_v1
+    return best_v1[None, :] >= levels[:, None], best_v2[None, :] >= levels[:, None]
+
+
+def _fixed_ious(
+    arr: np.ndarray,
+    maps: ArrayLike,
+    boxes: list[np.ndarray],
+    rows: list[int],
+    quantized: np.ndarray,
+    threshold: float,
+    rule: str,
+) -> np.ndarray:
+    """IoU of each image's box at the fixed threshold with its best ground-truth box.
+
+    ``rule="paper"``: :func:`~cam_plugin.localize.threshold_boxes` on the maps (a tensor
+    stays on its device); ``"contour"``: the largest contour at that threshold.
+    ``quantized`` holds the ``uint8`` maps of ``rows``, in that order.
+    """
+    if rule == "paper":
+        src = maps if isinstance(maps, Tensor) else torch.from_numpy(arr)
+        pred = threshold_boxes(src[rows], threshold).cpu().numpy()
+        pred = pred.astype(np.int64).reshape(len(rows), 1, 4)
+    else:
+        thr = np.asarray([threshold])
+        pred = np.empty((len(rows), 1, 4), dtype=np.int64)
+        for j in range(len(rows)):
+            found, _, largest = contour_sweep(quantized[j], thr)
+            pred[j, 0] = found[largest[0]]
+    return np.array(
+        [_box_iou(pred[j], boxes[i]).max() for j, i in enumerate(rows)], dtype=np.float64
+    )
 
 
 class WSOLMetrics:
@@ -296,7 +283,8 @@ class WSOLMetrics:
     contours (MaxBoxAccV2), the IoU at the fixed threshold and whether the class was right;
     for PxAP the two histograms of its map values. A sample id that was already recorded is
     skipped (the first record wins), so the repeats a distributed sampler pads with are
-    counted once. Without ``sample_ids`` every row is a new sample.
+    counted once. Without ``sample_ids`` every row is a new sample. The records live in two
+    :class:`~cam_plugin.wsol_records.RecordStore` objects (boxes, masks).
 
     Across processes: ``state()`` on every rank, gather the states, then
     ``WSOLMetrics(**same_config).merge(states)`` and ``compute()`` once.
@@ -324,30 +312,11 @@ class WSOLMetrics:
     ) -> None:
         self.thresholds = cam_thresholds(cam_curve_interval)
         self.cam_curve_interval = float(cam_curve_interval)
-        levels = [int(d) for d in iou_thresholds]
-        if (
-            not levels
-            or any(not 0 < d <= 100 for d in levels)
-            or any(d != float(v) for d, v in zip(levels, iou_thresholds))
-        ):
-            raise ValueError(
-                f"iou_thresholds must be a non-empty sequence of integer percents in (0, 100], "
-                f"e.g. (30, 50, 70); got {tuple(iou_thresholds)!r}."
-            )
-        self.iou_thresholds = tuple(levels)
-        self._levels = tuple(sorted(set(levels) | {50}))
-        if (
-            isinstance(fixed_threshold, bool)
-            or not isinstance(fixed_threshold, (int, float, np.floating))
-            or not 0.0 <= float(fixed_threshold) <= 1.0
-        ):
-            raise ValueError(
-                f"fixed_threshold must be a fraction of each map's max in [0, 1], got "
-                f"{fixed_threshold!r}."
-            )
-        self.fixed_threshold = float(fixed_threshold)
+        self.iou_thresholds = check_iou_levels(iou_thresholds)
+        self._levels = tuple(sorted(set(self.iou_thresholds) | {50}))
+        self.fixed_threshold = check_fixed_threshold(fixed_threshold)
         if fixed_rule not in ("paper", "contour"):
-            raise ValueError(f"fixed_rule must be 'paper' or 'contour', got {fixed_rule!r}.")
+            raise CAMInputError(f"fixed_rule must be 'paper' or 'contour', got {fixed_rule!r}.")
         self.fixed_rule = fixed_rule
         self.multi_contour_for_v2 = bool(multi_contour_for_v2)
         self._uid = uuid.uuid4().hex
@@ -358,14 +327,19 @@ class WSOLMetrics:
     def reset(self) -> None:
         """Forget every record."""
         self._auto = 0
-        self._box_ids: dict[Hashable, None] = {}
-        self._box_hits_v1: list[np.ndarray] = []
-        self._box_hits_v2: list[np.ndarray] = []
-        self._box_iou_fixed: list[np.ndarray] = []
-        self._box_correct: list[np.ndarray] = []
-        self._mask_ids: dict[Hashable, None] = {}
-        self._hist_true: list[np.ndarray] = []
-        self._hist_false: list[np.ndarray] = []
+        n_l, n_t = len(self._levels), len(self.thresholds)
+        self._boxes = RecordStore(
+            "box_ids",
+            {
+                "box_hits_v1": ((n_l, n_t), bool),
+                "box_hits_v2": ((n_l, n_t), bool),
+                "box_iou_fixed": ((), np.float64),
+                "box_correct": ((), np.int8),
+            },
+        )
+        self._masks = RecordStore(
+            "mask_ids", {"hist_true": ((n_t + 2,), np.int64), "hist_false": ((n_t + 2,), np.int64)}
+        )
 
     def config(self) -> dict[str, Any]:
         """The settings that records depend on (states merge only with equal configs)."""
@@ -380,47 +354,20 @@ class WSOLMetrics:
     @property
     def num_box_samples(self) -> int:
         """Distinct samples with box records."""
-        return len(self._box_ids)
+        return len(self._boxes)
 
     @property
     def num_mask_samples(self) -> int:
         """Distinct samples with mask (PxAP) records."""
-        return len(self._mask_ids)
+        return len(self._masks)
 
-    def _resolve_ids(self, sample_ids: object, b: int) -> list[Hashable]:
-        if sample_ids is None:
-            ids: list[Hashable] = [("auto", self._uid, self._auto + i) for i in range(b)]
-            self._auto += b
-            return ids
-        if isinstance(sample_ids, (Tensor, np.ndarray)):
-            raw = _to_numpy(sample_ids)
-            if raw.ndim != 1:
-                raise ValueError(f"sample_ids must be 1-D (B,); got shape {raw.shape}.")
-            out = list(raw.tolist())
-        elif isinstance(sample_ids, Sequence) and not isinstance(sample_ids, (str, bytes)):
-            out = list(sample_ids)
-        else:
-            raise TypeError(
-                f"sample_ids must be a sequence of B hashable ids (ints or strings), got "
-                f"{type(sample_ids)!r}."
-            )
-        if len(out) != b:
-            raise ValueError(f"sample_ids has {len(out)} ids for a batch of {b} maps.")
-        for s in out:
-            if not isinstance(s, Hashable):
-                raise TypeError(f"sample id {s!r} is not hashable; use ints or strings.")
-        return out
-
-    @staticmethod
-    def _new_rows(ids: list[Hashable], seen: dict[Hashable, None]) -> list[int]:
-        rows: list[int] = []
-        batch_seen: set[Hashable] = set()
-        for i, s in enumerate(ids):
-            if s in seen or s in batch_seen:
-                continue
-            batch_seen.add(s)
-            rows.append(i)
-        return rows
+    def _sample_ids(self, sample_ids: object, b: int) -> list[Hashable]:
+        """The given ids, checked, or ``b`` fresh ids unique to this metric object."""
+        if sample_ids is not None:
+            return check_sample_ids(sample_ids, b)
+        ids: list[Hashable] = [("auto", self._uid, self._auto + i) for i in range(b)]
+        self._auto += b
+        return ids
 
     # ------------------------------------------------------------------ update
 
@@ -447,153 +394,89 @@ class WSOLMetrics:
             gt_masks: ``(B, H, W)`` bool masks, or ints 0 / 1 / 255 (background / object /
                 ignore) for PxAP.
             sample_ids: ``B`` hashable ids (e.g. dataset indices); repeats are skipped.
+
+        Raises:
+            TypeError: an argument of the wrong type.
+            CAMInputError: a wrong shape or value (see :mod:`cam_plugin.wsol_inputs`);
+                nothing is recorded then.
         """
-        arr = _as_numpy_maps(maps)
+        arr = as_numpy_maps(maps)
         if arr.ndim != 3:
             hint = " (squeeze the class dim: maps[:, 0])" if arr.ndim == 4 else ""
-            raise ValueError(
+            raise CAMInputError(
                 f"maps must be (B, H, W), one normalized map per image; got shape {arr.shape}"
                 f"{hint}."
             )
         b, h, w = arr.shape
         if gt_boxes is None and gt_masks is None:
-            raise ValueError("update needs gt_boxes (box metrics) and/or gt_masks (PxAP).")
-        boxes = self._check_gt_boxes(gt_boxes, b, h, w) if gt_boxes is not None else None
+            raise CAMInputError("update needs gt_boxes (box metrics) and/or gt_masks (PxAP).")
+        boxes = check_gt_boxes(gt_boxes, b, h, w) if gt_boxes is not None else None
         if (labels is None) != (pred_classes is None):
-            raise ValueError(
+            raise CAMInputError(
                 "Top-1 Loc needs both labels and pred_classes (or neither for GT-known only)."
             )
         correct: np.ndarray | None = None
         if labels is not None and pred_classes is not None:
-            lab = _check_index_vector(labels, "labels", b)
-            pred = _check_index_vector(pred_classes, "pred_classes", b)
+            lab = check_class_ids(labels, "labels", b)
+            pred = check_class_ids(pred_classes, "pred_classes", b)
             correct = (lab == pred).astype(np.int8)
         if correct is not None and boxes is None:
-            raise ValueError("labels/pred_classes are used with gt_boxes (Top-1 Loc).")
-        mask_arr = _check_masks(gt_masks, arr.shape) if gt_masks is not None else None
-        ids = self._resolve_ids(sample_ids, b)
-
+            raise CAMInputError("labels/pred_classes are used with gt_boxes (Top-1 Loc).")
+        masks = check_masks(gt_masks, arr.shape) if gt_masks is not None else None
+        ids = self._sample_ids(sample_ids, b)
         if boxes is not None:
-            rows = self._new_rows(ids, self._box_ids)
-            if rows:
-                self._record_boxes(arr, maps, boxes, correct, rows)
-                for i in rows:
-                    self._box_ids[ids[i]] = None
-        if mask_arr is not None:
-            rows = self._new_rows(ids, self._mask_ids)
-            if rows:
-                hist_t, hist_f = mask_histograms(arr[rows], mask_arr[rows], self.thresholds)
-                self._hist_true.append(hist_t)
-                self._hist_false.append(hist_f)
-                for i in rows:
-                    self._mask_ids[ids[i]] = None
-
-    def _check_gt_boxes(self, gt_boxes: BoxesLike, b: int, h: int, w: int) -> list[np.ndarray]:
-        if isinstance(gt_boxes, (Tensor, np.ndarray)):
-            arr = _to_numpy(gt_boxes)
-            if arr.ndim == 2 and arr.shape[1] == 4:
-                items: list[Any] = [arr[i : i + 1] for i in range(arr.shape[0])]
-            elif arr.ndim == 3 and arr.shape[2] == 4:
-                items = list(arr)
-            else:
-                raise ValueError(
-                    f"gt_boxes as one array must be (B, 4) or (B, n, 4); got {arr.shape}. Pass "
-                    "a list of (n_i, 4) arrays when images have different numbers of boxes."
-                )
-        elif isinstance(gt_boxes, Sequence) and not isinstance(gt_boxes, (str, bytes)):
-            items = list(gt_boxes)
-        else:
-            raise TypeError(
-                f"gt_boxes must be a list of B (n_i, 4) boxes or a (B, n, 4) array/tensor; got "
-                f"{type(gt_boxes)!r}."
+            gt = boxes
+            self._boxes.record(ids, lambda rows: self._box_records(arr, maps, gt, correct, rows))
+        if masks is not None:
+            m = masks
+            self._masks.record(
+                ids,
+                lambda rows: dict(
+                    zip(
+                        ("hist_true", "hist_false"),
+                        mask_histograms(arr[rows], m[rows], self.thresholds),
+                    )
+                ),
             )
-        if len(items) != b:
-            raise ValueError(
-                f"gt_boxes has {len(items)} entries for a batch of {b} maps; give one (n_i, 4) "
-                "set of boxes per image."
-            )
-        out = []
-        for i, item in enumerate(items):
-            box = _check_boxes(item, f"gt_boxes[{i}]")
-            if (box[:, 2] >= w).any() or (box[:, 3] >= h).any():
-                raise ValueError(
-                    f"gt_boxes[{i}] reaches past the {w}x{h} map: inclusive boxes need "
-                    f"x1 <= {w - 1} and y1 <= {h - 1} (exclusive x1/y1 must be reduced by 1; "
-                    "boxes must be at the maps' resolution)."
-                )
-            out.append(box)
-        return out
 
-    def _record_boxes(
+    def _box_records(
         self,
         arr: np.ndarray,
         maps: ArrayLike,
         boxes: list[np.ndarray],
         correct: np.ndarray | None,
         rows: list[int],
-    ) -> None:
-        levels = np.asarray(self._levels, dtype=np.float64)[:, None] / 100
-        n_t = len(self.thresholds)
-        hits_v1 = np.zeros((len(rows), len(levels), n_t), dtype=bool)
-        hits_v2 = np.zeros_like(hits_v1)
-        quantized = _quantize(arr[rows])
-        for j, i in enumerate(rows):
-            found, counts, largest = _map_contour_boxes(
-                np.ascontiguousarray(quantized[j]), self.thresholds
-            )
-            best_v1 = best_iou_per_threshold(found[largest], np.ones(n_t, np.int64), boxes[i])
-            if self.multi_contour_for_v2:
-                best_v2 = best_iou_per_threshold(found, counts, boxes[i])
-            else:
-                best_v2 = best_v1
-            hits_v1[j] = best_v1[None, :] >= levels
-            hits_v2[j] = best_v2[None, :] >= levels
-        self._box_hits_v1.append(hits_v1)
-        self._box_hits_v2.append(hits_v2)
-        self._box_iou_fixed.append(self._fixed_ious(arr, maps, boxes, rows, quantized))
-        if correct is None:
-            self._box_correct.append(np.full(len(rows), -1, dtype=np.int8))
-        else:
-            self._box_correct.append(correct[rows])
-
-    def _fixed_ious(
-        self,
-        arr: np.ndarray,
-        maps: ArrayLike,
-        boxes: list[np.ndarray],
-        rows: list[int],
-        quantized: np.ndarray,
-    ) -> np.ndarray:
-        if self.fixed_rule == "paper":
-            src = maps if isinstance(maps, Tensor) else torch.from_numpy(arr)
-            pred = threshold_boxes(src[rows], self.fixed_threshold).cpu().numpy()
-            pred = pred.astype(np.int64).reshape(len(rows), 1, 4)
-        else:
-            thr = np.asarray([self.fixed_threshold])
-            pred = np.empty((len(rows), 1, 4), dtype=np.int64)
-            for j in range(len(rows)):
-                found, _, largest = _map_contour_boxes(np.ascontiguousarray(quantized[j]), thr)
-                pred[j, 0] = found[largest[0]]
-        return np.array(
-            [_box_iou(pred[j], boxes[i]).max() for j, i in enumerate(rows)], dtype=np.float64
+    ) -> dict[str, np.ndarray]:
+        """The box columns of the images ``rows``: hits per (IoU level, threshold) with the
+        largest contour (v1) and every contour (v2), the IoU at the fixed threshold, and
+        whether the class was right (``-1``: not given)."""
+        levels = np.asarray(self._levels, dtype=np.float64) / 100
+        quantized = quantize_maps(arr[rows])
+        hits = [
+            _sweep_hits(quantized[j], boxes[i], self.thresholds, levels, self.multi_contour_for_v2)
+            for j, i in enumerate(rows)
+        ]
+        fixed = _fixed_ious(
+            arr, maps, boxes, rows, quantized, self.fixed_threshold, self.fixed_rule
         )
+        return {
+            "box_hits_v1": np.stack([v1 for v1, _ in hits]),
+            "box_hits_v2": np.stack([v2 for _, v2 in hits]),
+            "box_iou_fixed": fixed,
+            "box_correct": (
+                np.full(len(rows), -1, dtype=np.int8) if correct is None else correct[rows]
+            ),
+        }
 
     # ------------------------------------------------------------------ distributed
 
     def state(self) -> dict[str, Any]:
         """A picklable snapshot of every record (numpy arrays and lists) and the config."""
-        n_l, n_t = len(self._levels), len(self.thresholds)
         return {
             "format": _STATE_FORMAT,
             "config": self.config(),
-            "box_ids": list(self._box_ids),
-            "box_hits_v1": _cat(self._box_hits_v1, (0, n_l, n_t), bool),
-            "box_hits_v2": _cat(self._box_hits_v2, (0, n_l, n_t), bool),
-            "box_iou_fixed": _cat(self._box_iou_fixed, (0,), np.float64),
-            "box_correct": _cat(self._box_correct, (0,), np.int8),
-            "mask_ids": list(self._mask_ids),
-            "hist_true": _cat(self._hist_true, (0, n_t + 2), np.int64),
-            "hist_false": _cat(self._hist_false, (0, n_t + 2), np.int64),
+            **self._boxes.state(),
+            **self._masks.state(),
         }
 
     def merge(self, states: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> None:
@@ -604,32 +487,20 @@ class WSOLMetrics:
                 raise TypeError("merge expects states produced by WSOLMetrics.state().")
             if st["config"] != self.config():
                 diff = sorted(k for k in self.config() if st["config"].get(k) != self.config()[k])
-                raise ValueError(f"cannot merge a state with a different config: {diff}.")
+                raise CAMInputError(f"cannot merge a state with a different config: {diff}.")
         for st in items:
-            rows = self._new_rows(list(st["box_ids"]), self._box_ids)
-            if rows:
-                self._box_hits_v1.append(np.asarray(st["box_hits_v1"])[rows])
-                self._box_hits_v2.append(np.asarray(st["box_hits_v2"])[rows])
-                self._box_iou_fixed.append(np.asarray(st["box_iou_fixed"])[rows])
-                self._box_correct.append(np.asarray(st["box_correct"])[rows])
-                for i in rows:
-                    self._box_ids[st["box_ids"][i]] = None
-            rows = self._new_rows(list(st["mask_ids"]), self._mask_ids)
-            if rows:
-                self._hist_true.append(np.asarray(st["hist_true"])[rows])
-                self._hist_false.append(np.asarray(st["hist_false"])[rows])
-                for i in rows:
-                    self._mask_ids[st["mask_ids"][i]] = None
+            self._boxes.merge_state(st)
+            self._masks.merge_state(st)
 
     # ------------------------------------------------------------------ results
 
     def curves(self) -> dict[str, np.ndarray]:
         """BoxAcc (percent) at every threshold: ``"thresholds"``, ``"BoxAcc@50"`` (largest
         contour) and ``"BoxAccV2@d"`` for each IoU level ``d`` (all contours)."""
-        if not self._box_ids:
-            raise ValueError("no box records yet: call update(maps, gt_boxes) first.")
-        v1 = np.concatenate(self._box_hits_v1).mean(axis=0) * 100
-        v2 = np.concatenate(self._box_hits_v2).mean(axis=0) * 100
+        if not len(self._boxes):
+            raise CAMInputError("no box records yet: call update(maps, gt_boxes) first.")
+        v1 = self._boxes.column("box_hits_v1").mean(axis=0) * 100
+        v2 = self._boxes.column("box_hits_v2").mean(axis=0) * 100
         out = {"thresholds": self.thresholds.copy(), "BoxAcc@50": v1[self._levels.index(50)]}
         for d in self.iou_thresholds:
             out[f"BoxAccV2@{d}"] = v2[self._levels.index(d)]
@@ -644,50 +515,50 @@ class WSOLMetrics:
         predictions also ``Top-1 Loc``, ``Top-1 Loc@fixed`` and ``Top-1 Cls``. Mask records:
         ``PxAP``.
         """
-        if not self._box_ids and not self._mask_ids:
-            raise ValueError("nothing to compute: call update(...) with at least one batch.")
+        if not len(self._boxes) and not len(self._masks):
+            raise CAMInputError("nothing to compute: call update(...) with at least one batch.")
         out: dict[str, float] = {}
-        if self._box_ids:
-            hits_v1 = np.concatenate(self._box_hits_v1)
-            hits_v2 = np.concatenate(self._box_hits_v2)
-            i50 = self._levels.index(50)
-            acc_v1 = hits_v1[:, i50].mean(axis=0) * 100
-            best = int(np.argmax(acc_v1))
-            acc_v2 = hits_v2.mean(axis=0) * 100
-            per_level = {d: float(acc_v2[self._levels.index(d)].max()) for d in self.iou_thresholds}
-            iou_fixed = np.concatenate(self._box_iou_fixed)
-            ok_fixed = iou_fixed >= 0.5
-            out["MaxBoxAcc"] = float(acc_v1.max())
-            out["MaxBoxAccV2"] = float(np.mean(list(per_level.values())))
-            for d, v in per_level.items():
-                out[f"MaxBoxAccV2@{d}"] = v
-            out["GT-known Loc"] = float(acc_v1[best])
-            out["GT-known Loc@fixed"] = float(ok_fixed.mean() * 100)
-            out["best_threshold"] = float(self.thresholds[best])
-            correct = np.concatenate(self._box_correct)
-            known = correct >= 0
-            if known.all():
-                right = correct == 1
-                out["Top-1 Loc"] = float((hits_v1[:, i50, best] & right).mean() * 100)
-                out["Top-1 Loc@fixed"] = float((ok_fixed & right).mean() * 100)
-                out["Top-1 Cls"] = float(right.mean() * 100)
-            elif known.any():
-                raise ValueError(
-                    f"labels/pred_classes were given for {int(known.sum())} of {len(known)} "
-                    "samples; give them for every batch or for none."
-                )
-        if self._mask_ids:
+        if len(self._boxes):
+            out.update(self._box_metrics())
+        if len(self._masks):
             out["PxAP"] = average_precision_from_histograms(
-                np.concatenate(self._hist_true).sum(axis=0),
-                np.concatenate(self._hist_false).sum(axis=0),
+                self._masks.column("hist_true").sum(axis=0),
+                self._masks.column("hist_false").sum(axis=0),
             )
         return out
 
-
-def _cat(chunks: list[np.ndarray], empty_shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    if not chunks:
-        return np.zeros(empty_shape, dtype=dtype)
-    return np.concatenate(chunks).astype(dtype, copy=False)
+    def _box_metrics(self) -> dict[str, float]:
+        """The box keys of :meth:`compute` from the box records."""
+        hits_v1 = self._boxes.column("box_hits_v1")
+        hits_v2 = self._boxes.column("box_hits_v2")
+        i50 = self._levels.index(50)
+        acc_v1 = hits_v1[:, i50].mean(axis=0) * 100
+        best = int(np.argmax(acc_v1))
+        acc_v2 = hits_v2.mean(axis=0) * 100
+        per_level = {d: float(acc_v2[self._levels.index(d)].max()) for d in self.iou_thresholds}
+        ok_fixed = self._boxes.column("box_iou_fixed") >= 0.5
+        out: dict[str, float] = {
+            "MaxBoxAcc": float(acc_v1.max()),
+            "MaxBoxAccV2": float(np.mean(list(per_level.values()))),
+        }
+        for d, v in per_level.items():
+            out[f"MaxBoxAccV2@{d}"] = v
+        out["GT-known Loc"] = float(acc_v1[best])
+        out["GT-known Loc@fixed"] = float(ok_fixed.mean() * 100)
+        out["best_threshold"] = float(self.thresholds[best])
+        correct = self._boxes.column("box_correct")
+        known = correct >= 0
+        if known.all():
+            right = correct == 1
+            out["Top-1 Loc"] = float((hits_v1[:, i50, best] & right).mean() * 100)
+            out["Top-1 Loc@fixed"] = float((ok_fixed & right).mean() * 100)
+            out["Top-1 Cls"] = float(right.mean() * 100)
+        elif known.any():
+            raise CAMInputError(
+                f"labels/pred_classes were given for {int(known.sum())} of {len(known)} "
+                "samples; give them for every batch or for none."
+            )
+        return out
 
 
 def evaluate_wsol(

@@ -1,5 +1,6 @@
-"""Keeps ``benchmarks/speed.py`` working: its smoke mode (tiny model, batch 2) runs end to end
-in fresh child processes and writes the table and the JSON. Nothing is asserted about time."""
+"""Keeps the speed benchmark (``python -m benchmarks.speed``, the package ``benchmarks/speed/``)
+working: its smoke mode (tiny model, batch 2) runs end to end in fresh child processes and writes
+the table and the JSON. Nothing is asserted about time."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speed_smoke_writes_table_and_json(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--threads", "1", "--out-dir", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.speed", "--smoke", "--threads", "1"]
+        + ["--out-dir", str(tmp_path)],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,11 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cam_plugin.errors import CAMInputError
 from cam_plugin.localize import (
     ContourBoxes,
+    as_numpy_maps,
     contour_boxes,
+    contour_sweep,
     label_components,
     masks,
+    quantize_maps,
     threshold_boxes,
     topk_boxes,
 )
@@ -243,8 +247,31 @@ def test_contour_boxes_accepts_tensors_and_leading_dims() -> None:
     ],
 )
 def test_contour_boxes_bad_input(maps: object, thresholds: object, error: type, match: str) -> None:
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         contour_boxes(maps, thresholds)  # type: ignore[arg-type]
+    assert error is TypeError or isinstance(info.value, CAMInputError)
+
+
+def test_contour_sweep_is_the_shared_step_of_contour_boxes() -> None:
+    maps = _blobby(3, 21, 17, seed=6).numpy().astype(np.float64)
+    sweep = np.arange(0, 1, 0.1)
+    arr = as_numpy_maps(torch.from_numpy(maps))
+    assert arr.dtype == np.float64 and np.array_equal(arr, maps)
+    q = quantize_maps(arr)
+    assert q.dtype == np.uint8 and np.array_equal(q, (maps * 255).astype(np.uint8))
+    every = contour_boxes(maps, sweep, multi_contour=True)
+    largest = contour_boxes(maps, sweep)
+    for i in range(3):
+        boxes, counts, top = contour_sweep(q[i], sweep)
+        assert boxes.tolist() == every[i].boxes.tolist()
+        assert counts.tolist() == every[i].counts.tolist()
+        assert boxes[top].tolist() == largest[i].boxes.tolist()
+    with pytest.raises(TypeError, match="quantize_maps"):
+        contour_sweep(maps[0], sweep)
+    with pytest.raises(CAMInputError, match="thresholds"):
+        contour_sweep(q[0], np.array([1.5]))
+    with pytest.raises(CAMInputError, match=r"\[0, 1\]"):
+        as_numpy_maps(np.full((2, 2), 2.0))
 
 
 def _literal_contour_boxes(m: np.ndarray, thr: float, multi: bool) -> list[list[int]]:

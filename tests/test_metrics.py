@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cam_plugin.errors import CAMInputError
 from cam_plugin.metrics import (
     WSOLMetrics,
     average_precision_from_histograms,
@@ -17,6 +19,7 @@ from cam_plugin.metrics import (
     evaluate_wsol,
     mask_histograms,
 )
+from cam_plugin.wsol_records import RecordStore
 
 # A sweep of 10 thresholds keeps hand computations short: np.arange(0, 1, 0.1), i.e.
 # uint8 cut-offs int(t * 255) = 0, 25, 51, 76, 102, 127, 153, 178, 204, 229.
@@ -327,9 +330,62 @@ def test_update_validation(kwargs: dict[str, object], error: type, match: str) -
     args: dict[str, object] = {"maps": maps, "gt_boxes": boxes}
     args.update(kwargs)
     metric = WSOLMetrics(cam_curve_interval=STEP)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         metric.update(args.pop("maps"), args.pop("gt_boxes"), **args)  # type: ignore[arg-type]
     assert metric.num_box_samples == 0  # nothing half-recorded
+    # value errors are the library's own error type (a ValueError subclass)
+    assert error is TypeError or isinstance(info.value, CAMInputError)
+
+
+def test_metric_value_errors_are_cam_input_errors() -> None:
+    with pytest.raises(CAMInputError, match="cam_curve_interval"):
+        cam_thresholds(0.0)
+    with pytest.raises(CAMInputError, match="object pixels"):
+        average_precision_from_histograms(np.zeros(5), np.ones(5))
+    with pytest.raises(CAMInputError, match="nothing to compute"):
+        WSOLMetrics().compute()
+    with pytest.raises(CAMInputError, match="no box records"):
+        WSOLMetrics().curves()
+    with pytest.raises(CAMInputError, match="x1 < x0"):
+        box_iou([3, 0, 2, 2], [0, 0, 1, 1])
+    with pytest.raises(CAMInputError, match="different config"):
+        WSOLMetrics().merge(WSOLMetrics(fixed_threshold=0.3).state())
+
+
+def test_record_store_one_rule_for_batches_and_states() -> None:
+    store = RecordStore("ids", {"v": ((2,), np.int64), "s": ((), np.float64)})
+    assert store.column("v").shape == (0, 2) and store.column("s").dtype == np.float64
+    calls: list[list[int]] = []
+
+    def values(ids: list[int]) -> Callable[[list[int]], dict[str, np.ndarray]]:
+        def compute(rows: list[int]) -> dict[str, np.ndarray]:
+            calls.append(rows)
+            return {
+                "v": np.array([[ids[r], 0] for r in rows]),
+                "s": np.array([float(ids[r]) for r in rows]),
+            }
+
+        return compute
+
+    # a repeat inside the batch: the first occurrence wins
+    assert store.record([3, 1, 3], values([3, 1, 3])) == 2
+    # known ids are skipped, and compute is not called when nothing is new
+    assert store.record([1, 3], values([1, 3])) == 0
+    assert calls == [[0, 1]]
+    assert store.record([5, 1], values([5, 1])) == 1
+    assert store.ids == [3, 1, 5] and len(store) == 3
+    assert store.column("v")[:, 0].tolist() == [3, 1, 5]
+    # a state merges under the same rule
+    other = RecordStore("ids", store.columns)
+    other.record([1, 7], values([1, 7]))
+    assert store.merge_state(other.state()) == 1
+    assert store.ids == [3, 1, 5, 7] and store.column("s").tolist() == [3.0, 1.0, 5.0, 7.0]
+    with pytest.raises(CAMInputError, match="columns"):
+        store.record([9], lambda rows: {"v": np.zeros((1, 2))})
+    with pytest.raises(CAMInputError, match="lacks"):
+        store.merge_state({"ids": [8]})
+    store.reset()
+    assert len(store) == 0 and store.column("v").shape == (0, 2)
 
 
 def test_constructor_and_mixed_labels_validation() -> None:

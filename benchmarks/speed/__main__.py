@@ -1,0 +1,8 @@
+"""``python -m benchmarks.speed``: see :mod:`benchmarks.speed.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
