@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["CAM", "Targets", "all_finite", "check_eval_mode", "check_images", "parse_targets"]
 
 Targets = Union[None, int, str, Tensor, Sequence[int], Sequence[Sequence[int]]]
+Contrast = Union[None, str, int, Tensor, Sequence[int]]
 
 
 def all_finite(t: Tensor) -> bool:
@@ -175,6 +176,43 @@ def _check_placement(images: Tensor, model: nn.Module, name: str) -> None:
             f"{name} are {images.dtype} but the model's parameters are {dtype}: convert them "
             f"({name}.to({dtype})) or run the call under torch.autocast"
         )
+
+
+def contrast_classes(contrast: Contrast, logits: Tensor, classes: Tensor) -> Tensor:
+    """The class ``c'`` of every map for contrastive maps ``M_c − M_c'`` (``(B, k)``,
+    ``-1`` where ``classes`` is padding).
+
+    ``"second"``: per map, the highest-logit class other than ``c`` (the runner-up for the
+    top-1 class); an int: that class for every map; one int per image (list, array or
+    ``(B,)`` tensor): that image's class for all its maps.
+    """
+    batch, num_classes = logits.shape
+    if isinstance(contrast, str):
+        if contrast != "second":
+            raise CAMInputError(
+                f"contrast={contrast!r}: the only string accepted is 'second' (the runner-up)"
+            )
+        if num_classes < 2:
+            raise CAMInputError("contrast='second' needs a model with at least two classes")
+        top2 = logits.topk(2, dim=1).indices  # (B, 2)
+        out = torch.where(classes == top2[:, :1], top2[:, 1:], top2[:, :1])
+    elif isinstance(contrast, bool) or contrast is None:
+        raise CAMInputError("contrast must be 'second', a class index or one class per image")
+    elif isinstance(contrast, numbers.Integral):
+        _check_class(torch.tensor([int(contrast)]), num_classes, "contrast class")
+        out = torch.full_like(classes, int(contrast))
+    else:
+        values = contrast if isinstance(contrast, Tensor) else torch.as_tensor(contrast)
+        per_image = _targets_from_tensor(values, batch, num_classes, logits.device)
+        if per_image.shape[1] != 1:
+            raise CAMInputError("contrast takes one class per image, not a list per image")
+        out = per_image.expand_as(classes)
+    same = (out == classes) & (classes >= 0)
+    if bool(same.any()):
+        raise CAMInputError(
+            f"contrast class {int(out[same][0])} equals the map's own class: M_c − M_c is zero"
+        )
+    return torch.where(classes >= 0, out, torch.full_like(out, -1))
 
 
 def check_images(
@@ -353,7 +391,9 @@ class CAM:
             )
 
     # -- the one data path ---------------------------------------------------------------
-    def __call__(self, images: Tensor, targets: Targets = None, topk: int = 1) -> CAMResult:
+    def __call__(
+        self, images: Tensor, targets: Targets = None, topk: int = 1, contrast: Contrast = None
+    ) -> CAMResult:
         """Run the model once and return the maps of the requested classes.
 
         Args:
@@ -362,6 +402,10 @@ class CAM:
                 a list of class lists per image (multi-label), a ``(B,)``/``(B, k)`` tensor,
                 or ``"all"`` (every class in one einsum).
             topk: how many top classes when ``targets is None``.
+            contrast: ``None`` (plain maps), or contrastive maps ``M_c − M_c'`` against
+                ``"second"`` (per map, the highest-logit other class), a class index, or one
+                class per image; exactly ``mean_xy (M_c − M_c') + b_c − b_c' = S_c − S_c'``
+                (see :func:`contrast_classes` and ``CAMResult.contrast``).
         """
         adapter = self._adapter
         if adapter is None and self.model.training:
@@ -394,18 +438,28 @@ class CAM:
                 select=lambda logits: parse_targets(targets, logits, topk),
                 verify=self.verify and not self.model.training,
             )
-        return self._result(step, images, hw, adapter)
+            return self._result(step, images, hw, adapter, contrast)
 
     def _result(
-        self, step: CaptureMaps, images: Tensor, hw: tuple[int, int], adapter: Adapter
+        self,
+        step: CaptureMaps,
+        images: Tensor,
+        hw: tuple[int, int],
+        adapter: Adapter,
+        contrast: Contrast = None,
     ) -> CAMResult:
-        """Wrap the core step's output: padding classes zeroed, bias per map."""
+        """Wrap the core step's output: contrast subtracted, padding zeroed, bias per map."""
         maps, logits, classes = step.maps, step.logits, step.classes
         if classes is None:
             classes = torch.arange(logits.shape[1], device=logits.device).expand(
                 logits.shape[0], -1
             )
         bias = step.head.class_bias(classes.clamp_min(0)).to(maps.dtype)
+        other: Optional[Tensor] = None
+        if contrast is not None:
+            other = contrast_classes(contrast, logits, classes)
+            maps = maps - step.head.maps(step.features, other.clamp_min(0))
+            bias = bias - step.head.class_bias(other.clamp_min(0)).to(maps.dtype)
         if not self.differentiable:
             bias = bias.detach()  # computed outside no_grad: no graph into the host's head
         if bool((classes < 0).any()):
@@ -420,6 +474,7 @@ class CAM:
             input_size=hw,
             exact=adapter.exact,
             placement=self._placement_for(images) if self.placement else None,
+            contrast=other,
         )
 
     def _placement_for(self, images: Tensor) -> Placement:

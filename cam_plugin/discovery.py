@@ -27,7 +27,7 @@ is captured instead.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -356,6 +356,7 @@ def discover(
     prefix_tokens: Optional[int] = None,
     name: str = "generic",
     probe_batch: int = 2,
+    output_fn: Optional[Callable[[Any], Tensor]] = None,
 ) -> Adapter:
     """Find ``feature map -> global average pool -> affine head`` from one forward pass.
 
@@ -371,6 +372,8 @@ def discover(
         prefix_tokens: for token models, the number of prefix tokens to try first.
         name: adapter name to report.
         probe_batch: batch size of the random probe.
+        output_fn: reads the ``(B, C)`` logits from what the model returns (e.g.
+            ``lambda out: out.logits`` for HuggingFace outputs); kept on the adapter.
 
     Raises:
         UnsupportedHeadError: the head after the feature map is not affine after an
@@ -378,7 +381,7 @@ def discover(
         AdapterNotFoundError: the structure could not be read (says why).
     """
     trace, size = _obtain_trace(model, example, input_size, probe_batch)
-    output = trace.output
+    output = output_fn(trace.output) if output_fn is not None else trace.output
     logits = output if isinstance(output, Tensor) else None
     if logits is None or logits.dim() != 2:
         got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
@@ -402,6 +405,7 @@ def discover(
         input_size=(int(size[0]), int(size[1]), int(size[2])) if len(size) == 3 else None,
         num_features=k_pooled,
         feature_name=feature_name,
+        output_fn=output_fn,
     )
     readings: list[Adapter] = []
     if fold_error is None:

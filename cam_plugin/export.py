@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -15,8 +15,9 @@ tracer of :mod:`cam_plugin.tracing` applies these rules tensor by tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

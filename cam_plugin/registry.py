@@ -32,9 +32,9 @@ everything tried.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from torch import Tensor, nn
 
@@ -59,6 +59,7 @@ INTEGRATIONS: dict[str, str] = {
     "torchvision": "cam_plugin.integrations.torchvision",
     "mmpretrain": "cam_plugin.integrations.mmpretrain",
     "mmdet": "cam_plugin.integrations.mmdet",
+    "transformers": "cam_plugin.integrations.hf",
 }
 ENTRY_POINT_GROUP = "cam_plugin.adapters"
 

@@ -106,6 +106,10 @@ class CAMResult:
         placement: where each feature cell sits on the image
             (:class:`~cam_plugin.placement.Placement`), when known; ``upsample()`` then
             centres every cell on its receptive field. ``None`` after upsampling.
+        contrast: ``(B, k)`` class ``c'`` of every map for contrastive maps
+            ``M_c − M_c'`` (``None`` for plain maps). The identity then reads
+            ``mean_xy (M_c − M_c') + (b_c − b_c') = S_c − S_c'``: ``bias`` holds
+            ``b_c − b_c'`` and :attr:`scores` the logit margin ``S_c − S_c'``.
     """
 
     maps: Tensor
@@ -116,6 +120,7 @@ class CAMResult:
     exact: bool = True
     stage: str = "feature"
     placement: Optional[Placement] = None
+    contrast: Optional[Tensor] = None
 
     @property
     def valid(self) -> Tensor:
@@ -130,8 +135,12 @@ class CAMResult:
 
     @property
     def scores(self) -> Tensor:
-        """``(B, k)`` logit of each map's class."""
-        return self.logits.gather(1, self.classes.clamp_min(0))
+        """``(B, k)`` logit of each map's class (for contrastive maps the margin
+        ``S_c − S_c'``)."""
+        scores = self.logits.gather(1, self.classes.clamp_min(0))
+        if self.contrast is not None:
+            scores = scores - self.logits.gather(1, self.contrast.clamp_min(0))
+        return scores
 
     def identity_residual(self) -> Tensor:
         """``(B, k)`` of ``mean_xy M_c + b_c − logit_c``: zero up to float error for an exact
@@ -238,6 +247,7 @@ class CAMResult:
             logits=self.logits[_on(rows, self.logits)],
             classes=self.classes[_on(rows, self.classes)],
             bias=self.bias[_on(rows, self.bias)],
+            contrast=None if self.contrast is None else self.contrast[_on(rows, self.contrast)],
         )
 
     def select(self, index: BatchIndex) -> CAMResult:
@@ -284,6 +294,7 @@ class CAMResult:
             "classes": self.classes.detach().cpu().numpy(),
             "probabilities": self.probabilities.detach().cpu().numpy(),
             "bias": self.bias.detach().float().cpu().numpy(),
+            **({} if self.contrast is None else {"contrast": self.contrast.cpu().numpy()}),
         }
 
     def _after(self, op: str) -> str:

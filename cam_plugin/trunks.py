@@ -21,9 +21,9 @@ the end. Every probe forward runs under :func:`cam_plugin.probing.untouched`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 

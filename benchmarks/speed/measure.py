@@ -9,7 +9,8 @@ import argparse
 import os
 import platform
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from .methods import Method
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .measure import env_info, hwm_kib, rss_kib, run_rounds, tensor_peak_bytes
 from .methods import GROUPS, Bench, Method
