@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
@@ -29,6 +29,7 @@ from .errors import CAMInputError
 from .probing import model_device_dtype
 from .registry import resolve
 from .result import CAMResult
+from .units import UnitRanking, UnitResult, rank_units
 
 if TYPE_CHECKING:
     from .placement import Placement
@@ -407,6 +408,17 @@ class CAM:
                 class per image; exactly ``mean_xy (M_c − M_c') + b_c − b_c' = S_c − S_c'``
                 (see :func:`contrast_classes` and ``CAMResult.contrast``).
         """
+        images, adapter = self._prepare(images)
+        hw = (int(images.shape[-2]), int(images.shape[-1]))
+        grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
+        with grad_ctx:
+            step, adapter = self._forward_step(
+                images, adapter, lambda logits: parse_targets(targets, logits, topk)
+            )
+            return self._result(step, images, hw, adapter, contrast)
+
+    def _prepare(self, images: Any) -> tuple[Tensor, Optional[Adapter]]:
+        """Checked images and the adapter so far (resolved first for a train-mode model)."""
         adapter = self._adapter
         if adapter is None and self.model.training:
             adapter = self.resolve(images.detach() if isinstance(images, Tensor) else images)
@@ -418,27 +430,59 @@ class CAM:
             channels=self.input_size[0] if self.input_size else expected_channels(self.model),
         )
         self._check_mode(adapter)
-        grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
-        hw = (int(images.shape[-2]), int(images.shape[-1]))
-        with grad_ctx:
-            forward = ForwardCapture(
-                self.model, adapter, detach=not self.differentiable, input_size=self.input_size
+        return images, adapter
+
+    def _forward_step(
+        self,
+        images: Tensor,
+        adapter: Optional[Adapter],
+        select: Callable[[Tensor], Optional[Tensor]],
+    ) -> tuple[CaptureMaps, Adapter]:
+        """One forward of the user's model (resolving the adapter from it on the first call)
+        and the core step on its capture."""
+        forward = ForwardCapture(
+            self.model, adapter, detach=not self.differentiable, input_size=self.input_size
+        )
+        with forward:
+            output = self.model(images)
+        adapter, captured = forward.finish(images, output)
+        if self._adapter is None:
+            with self._lock:
+                if self._adapter is None:
+                    self._adapter = adapter
+        step = adapter.maps_from_capture(
+            captured,
+            output,
+            input_hw=(int(images.shape[-2]), int(images.shape[-1])),
+            select=select,
+            verify=self.verify and not self.model.training,
+        )
+        return step, adapter
+
+    def units(
+        self,
+        images: Tensor,
+        targets: Targets = None,
+        topk: int = 1,
+        top: int = 5,
+        by: UnitRanking = "contribution",
+    ) -> UnitResult:
+        """The class-specific units of the paper's Sec. 5 for the requested classes, from
+        one forward: per map, the ``top`` feature units ranked by their contribution
+        ``W'_ck · mean_xy u_k`` to the logit (``by="contribution"``) or by the class weight
+        ``W'_ck`` (``by="weight"``), with their activation maps ``u_k``. Summed over all
+        units, ``Σ_k W'_ck u_k = M_c`` (see :mod:`cam_plugin.units`)."""
+        images, adapter = self._prepare(images)
+        with torch.no_grad():
+            step, adapter = self._forward_step(
+                images, adapter, lambda logits: parse_targets(targets, logits, topk)
             )
-            with forward:
-                output = self.model(images)
-            adapter, captured = forward.finish(images, output)
-            if self._adapter is None:
-                with self._lock:
-                    if self._adapter is None:
-                        self._adapter = adapter
-            step = adapter.maps_from_capture(
-                captured,
-                output,
-                input_hw=hw,
-                select=lambda logits: parse_targets(targets, logits, topk),
-                verify=self.verify and not self.model.training,
-            )
-            return self._result(step, images, hw, adapter, contrast)
+            classes = step.classes
+            if classes is None:
+                classes = torch.arange(step.logits.shape[1], device=step.logits.device).expand(
+                    step.logits.shape[0], -1
+                )
+            return rank_units(step.head, step.features, classes, top=top, by=by)
 
     def _result(
         self,
