@@ -1,4 +1,5 @@
-"""Pictures: colour-mapped overlays of a map on an image, and a labelled grid figure.
+"""Pictures: colour-mapped overlays of a map on an image, captions, strips and a labelled
+grid figure -- every picture the faces draw (hooks decide *when*, this module *how*).
 
 ``overlay`` blends ``(1 − α)·image + α·colormap(m̂)`` where ``m̂`` is the map resized
 (bilinear) to the image and min-max normalized to ``[0, 1]``.
@@ -6,8 +7,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
 import numpy as np
 import torch
@@ -23,27 +25,49 @@ if TYPE_CHECKING:
 
     from .result import CAMResult
 
-__all__ = ["draw_box", "grid_figure", "overlay", "to_uint8_image"]
+__all__ = [
+    "annotated_overlay",
+    "caption",
+    "draw_box",
+    "enlarge",
+    "grid_figure",
+    "hstack",
+    "overlay",
+    "probe_strip",
+    "to_uint8_image",
+]
 
 ArrayLike = Union[np.ndarray, Tensor, Image.Image]
 
 
-def to_uint8_image(image: ArrayLike) -> np.ndarray:
-    """An ``(H, W, 3)`` uint8 array from a PIL image, an ``(H, W[, C])`` array or a ``(C, H, W)``
-    tensor (float images are taken as ``[0, 1]`` after min-max if they leave that range)."""
+def _as_hwc_array(image: ArrayLike) -> np.ndarray:
     if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"))
-    elif isinstance(image, Tensor):
-        t = image.detach().float().cpu()
+        return np.asarray(image.convert("RGB"))
+    if isinstance(image, Tensor):
+        t = image.detach().cpu()
+        t = t if t.dtype == torch.uint8 else t.float()
         if t.dim() == 3 and t.shape[0] in (1, 3):
             t = t.permute(1, 2, 0)
-        arr = t.numpy()
-    elif isinstance(image, np.ndarray):
-        arr = image
-    else:
-        raise TypeError(
-            f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}"
-        )
+        return t.numpy()
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[0] in (1, 3) and image.shape[2] not in (1, 3, 4):
+            return image.transpose(1, 2, 0)  # (C, H, W)
+        return image
+    raise TypeError(f"image must be a PIL image, numpy array or tensor, got {type(image).__name__}")
+
+
+def to_uint8_image(
+    image: ArrayLike, *, bgr: bool = False, value_range: Literal["auto", "minmax"] = "auto"
+) -> np.ndarray:
+    """An ``(H, W, 3)`` uint8 array from a PIL image, an ``(H, W[, C])`` array, a
+    ``(C, H, W)`` array or tensor (``C`` = 1 or 3; grey becomes three channels).
+
+    uint8 input is kept as it is. Float values ``v`` become ``round(255·v)`` when they lie in
+    ``[0, 1]``, ``round(v)`` when they lie in ``[0, 255]``, and are min-max scaled to
+    ``[0, 255]`` otherwise (or always, with ``value_range="minmax"``: a normalized network
+    input). ``bgr=True`` swaps the channel order (a BGR picture shown in RGB).
+    """
+    arr = _as_hwc_array(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
@@ -51,12 +75,16 @@ def to_uint8_image(image: ArrayLike) -> np.ndarray:
     arr = arr[:, :, :3]
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
+    if bgr:
+        arr = arr[:, :, ::-1]
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float32)
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        arr = (arr * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if value_range == "minmax" or lo < 0.0 or hi > 255.0:
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        elif hi <= 1.0:
+            arr = arr * 255.0
+        arr = (arr + 0.5).clip(0, 255).astype(np.uint8)
     return np.ascontiguousarray(arr)
 
 
@@ -110,6 +138,92 @@ def draw_box(
     pil = Image.fromarray(to_uint8_image(image))
     ImageDraw.Draw(pil).rectangle([x0, y0, x1, y1], outline=color, width=width)
     return np.asarray(pil)
+
+
+def caption(picture: np.ndarray, text: str) -> np.ndarray:
+    """``text`` in white on a black band at the top-left of a copy of ``picture``."""
+    pil = Image.fromarray(to_uint8_image(picture))
+    draw = ImageDraw.Draw(pil)
+    _, _, right, bottom = draw.textbbox((1, 0), text)
+    draw.rectangle([0, 0, min(right + 1, pil.width - 1), bottom + 1], fill=(0, 0, 0))
+    draw.text((1, 0), text, fill=(255, 255, 255))
+    return np.asarray(pil)
+
+
+def enlarge(picture: np.ndarray, scale: int) -> np.ndarray:
+    """``picture`` with every pixel repeated ``scale x scale`` times (nearest neighbour)."""
+    if scale == 1:
+        return picture
+    return np.ascontiguousarray(picture.repeat(scale, axis=0).repeat(scale, axis=1))
+
+
+def hstack(panels: Sequence[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Equal-height ``(H, W_i, 3)`` panels side by side, separated by ``gap`` white columns."""
+    if not panels:
+        raise CAMInputError("hstack needs at least one panel")
+    sep = np.full((panels[0].shape[0], gap, 3), 255, np.uint8)
+    parts = [p for panel in panels for p in (panel, sep)][:-1]
+    return np.concatenate(parts, axis=1)
+
+
+def annotated_overlay(
+    image: ArrayLike,
+    cam_map: Union[Tensor, np.ndarray],
+    *,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+    box: Optional[Sequence[float]] = None,
+    gt_boxes: Sequence[Sequence[float]] = (),
+    text: Optional[str] = None,
+) -> np.ndarray:
+    """:func:`overlay`, then the ground-truth boxes (red, 1 px), the CAM's box (green,
+    1 px) and a :func:`caption`; boxes are inclusive ``(x0, y0, x1, y1)`` in the image."""
+    pic = overlay(image, cam_map, alpha=alpha, colormap=colormap)
+    for gt in gt_boxes:
+        pic = draw_box(pic, gt, color=(255, 0, 0), width=1)
+    if box is not None:
+        pic = draw_box(pic, box, color=(0, 255, 0), width=1)
+    return caption(pic, text) if text else pic
+
+
+def probe_strip(
+    image: ArrayLike,
+    maps: Union[Tensor, np.ndarray],
+    captions: Sequence[str],
+    *,
+    boxes: Optional[Union[Tensor, np.ndarray]] = None,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+    min_side: int = 128,
+) -> np.ndarray:
+    """One row: the image, then one captioned overlay per map, with the map's box.
+
+    Every panel is enlarged by the integer ``s = ceil(min_side / min(H, W))`` (at least 1)
+    so that small images stay readable; a box ``(x0, y0, x1, y1)`` (inclusive, image
+    pixels) becomes ``(s·x0, s·y0, s·(x1 + 1) − 1, s·(y1 + 1) − 1)``, drawn ``s`` px wide.
+
+    Args:
+        image: the picture ``(H, W)``.
+        maps: ``(n, h, w)`` maps (resized to the picture by :func:`overlay`).
+        captions: one text per map.
+        boxes: ``(n, 4)`` boxes, or ``None``.
+        alpha: heat-map weight.
+        colormap: matplotlib colormap name.
+        min_side: the enlarged image's shorter side is at least this (when ``s`` allows).
+    """
+    base = to_uint8_image(image)
+    if len(captions) != len(maps):
+        raise CAMInputError(f"{len(maps)} maps but {len(captions)} captions")
+    scale = max(1, math.ceil(min_side / max(1, min(base.shape[:2]))))
+    panels = [enlarge(base, scale)]
+    for j, text in enumerate(captions):
+        pic = enlarge(overlay(base, maps[j], alpha=alpha, colormap=colormap), scale)
+        if boxes is not None:
+            x0, y0, x1, y1 = (float(v) for v in boxes[j])
+            box = [x0 * scale, y0 * scale, (x1 + 1) * scale - 1, (y1 + 1) * scale - 1]
+            pic = draw_box(pic, box, color=(0, 255, 0), width=max(1, scale))
+        panels.append(caption(pic, text))
+    return hstack(panels)
 
 
 def grid_figure(

@@ -5,8 +5,12 @@ training, overlays, mAP, its own file, resume), plus the errors raised before tr
 from __future__ import annotations
 
 import glob
+import json
 import os
 import os.path as osp
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -536,3 +540,40 @@ def test_bad_hook_options_fail_when_the_hook_is_built(kwargs: dict, match: str) 
 
     with pytest.raises(CAMInputError, match=match):
         HOOKS.build(dict(type="CAMProbeHook", **kwargs))
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_importing_mmdet_registers_only_its_own_face() -> None:
+    """``import cam_plugin.integrations.mmdet`` registers the probe hook and the detection
+    digits set, not the mmengine face (visualization hook, metric, classification digits)
+    unless that is imported too (as a config's custom_imports would)."""
+    script = textwrap.dedent(
+        """
+        import json
+        from mmengine.registry import DATASETS, HOOKS, METRICS
+
+        def names():
+            return dict(hooks=sorted(HOOKS.module_dict), metrics=sorted(METRICS.module_dict),
+                        datasets=sorted(DATASETS.module_dict))
+
+        import cam_plugin.integrations.mmdet
+        mmdet_only = names()
+        import cam_plugin.integrations.mmengine
+        print(json.dumps(dict(mmdet_only=mmdet_only, both=names())))
+        """
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    only, both = info["mmdet_only"], info["both"]
+    assert "CAMProbeHook" in only["hooks"] and "ClutteredDigitsDetection" in only["datasets"]
+    assert "CAMVisualizationHook" not in only["hooks"]
+    assert "CAMLocalizationMetric" not in only["metrics"]
+    assert "ClutteredDigitsDataset" not in only["datasets"]
+    assert "CAMVisualizationHook" in both["hooks"] and "CAMLocalizationMetric" in both["metrics"]
+    assert "ClutteredDigitsDataset" in both["datasets"]

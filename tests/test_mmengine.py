@@ -360,6 +360,15 @@ def test_unsupported_head_warns_once_and_training_goes_on(tmp_path: Path) -> Non
     assert cp.count_hooks(model) == before
 
 
+def test_metric_without_the_hook_says_to_add_it(tmp_path: Path) -> None:
+    """The metric reads ``cam_maps`` from the samples (the hook writes it): a run without the
+    hook is a clear error, not silently empty scores."""
+    config = write_config(tmp_path / "nohook.py", hooks=[], epochs=1)
+    runner = runner_for(config)
+    with pytest.raises(CAMInputError, match=r"no 'cam_maps'.*CAMVisualizationHook"):
+        runner.val()
+
+
 def test_builds_under_any_default_scope_and_rejects_bad_options() -> None:
     for scope in (None, "mmpretrain", "mmdet", "mmseg"):
         with DefaultScope.overwrite_default_scope(scope):
