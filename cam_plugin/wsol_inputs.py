@@ -107,7 +107,9 @@ def check_gt_boxes(gt_boxes: object, b: int, h: int, w: int) -> list[np.ndarray]
     Args:
         gt_boxes: a list of ``b`` box sets ``(n_i, 4)``, or one ``(b, 4)`` / ``(b, n, 4)``
             array or tensor.
-        b, h, w: the maps' batch size, height and width.
+        b: the maps' batch size.
+        h: their height.
+        w: their width.
     """
     if isinstance(gt_boxes, (Tensor, np.ndarray)):
         arr = to_numpy(gt_boxes)
