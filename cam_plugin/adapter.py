@@ -208,7 +208,7 @@ class Adapter:
         """
         head = head if head is not None else self.fold(features.shape[1])
         if self.pool == "max":
-            pooled = head.project(features).amax(dim=(2, 3))
+            pooled = head.project(features).flatten(2).amax(dim=2)
             logits = pooled @ head.weight.to(pooled.dtype).t() + head.bias.to(pooled.dtype)
         else:
             logits = head.logits(features)

@@ -237,10 +237,11 @@ def check_images(
             f"{name} must be a torch.Tensor of shape ({batch}, C, H, W), got "
             f"{type(images).__name__}"
         )
-    if images.dim() != 4:
+    if images.dim() not in (4, 5):
         hint = f" (one image? use {name}.unsqueeze(0))" if images.dim() == 3 else ""
         raise CAMInputError(
-            f"{name} must be 4-D ({batch}, C, H, W), got shape {tuple(images.shape)}{hint}"
+            f"{name} must be 4-D ({batch}, C, H, W) (or 5-D ({batch}, C, T, H, W) clips for a "
+            f"video model), got shape {tuple(images.shape)}{hint}"
         )
     if images.shape[0] == 0:
         raise CAMInputError(f"{name} is an empty batch ({batch} = 0); give at least one image")
@@ -517,8 +518,9 @@ class CAM:
             bias=bias,
             input_size=hw,
             exact=adapter.exact,
-            placement=self._placement_for(images) if self.placement else None,
+            placement=self._placement_for(images) if self.placement and images.dim() == 4 else None,
             contrast=other,
+            frames=int(images.shape[2]) if images.dim() == 5 else None,
         )
 
     def _placement_for(self, images: Tensor) -> Placement:

@@ -12,7 +12,9 @@ steps:
 1. the last *leaf* module whose input is still spatial (``(B, K, h, w)`` with
    ``h·w > 1``, or ``(B, N, K)`` tokens) ends the trunk; when its output is pooled
    (``(B, K)`` or ``(B, K, 1, 1)``) it is the pooling module and its input is the
-   feature map, otherwise its output is the feature map (the pool is functional);
+   feature map; a 1-D pool ``(B, K, N) -> (B, K, 1)`` over channel-first tokens (HF Swin)
+   is one too, its feature map the ``(B, N, K)`` tokens of which its input is a transpose;
+   otherwise its output is the feature map (the pool is functional);
 2. every leaf module called after it is the head, folded by
    :func:`cam_plugin.heads.fold_head` (a non-affine module is refused by name);
 3. the pooled vector the head receives must equal a global *average* of the feature
@@ -48,6 +50,8 @@ __all__ = ["discover", "expected_channels", "guess_input_size", "probe_input", "
 def _spatial(t: Optional[Tensor]) -> bool:
     if t is None:
         return False
+    if t.dim() == 5:  # a clip (B, K, T, h, w) or (B, T, h, w, K)
+        return int(t.shape[2:].numel()) > 1
     if t.dim() == 4:
         return t.shape[2] * t.shape[3] > 1
     if t.dim() == 3:
@@ -58,7 +62,30 @@ def _spatial(t: Optional[Tensor]) -> bool:
 def _pooled(t: Optional[Tensor]) -> bool:
     if t is None:
         return False
-    return t.dim() == 2 or (t.dim() == 4 and t.shape[2] == 1 and t.shape[3] == 1)
+    if t.dim() in (4, 5):
+        return all(int(v) == 1 for v in t.shape[2:])
+    return t.dim() == 2
+
+
+def _pooled_1d(inp: Optional[Tensor], out: Optional[Tensor]) -> bool:
+    """A 1-D pool over channel-first tokens, ``(B, K, N) -> (B, K, 1)``:
+    ``nn.AdaptiveAvgPool1d(1)`` on ``tokens.transpose(1, 2)`` (HF Swin, Swinv2, FocalNet)."""
+    if inp is None or out is None or inp.dim() != 3 or out.dim() != 3:
+        return False
+    return out.shape[2] == 1 and out.shape[:2] == inp.shape[:2]
+
+
+def _same_view(a: Optional[Tensor], b: Tensor) -> bool:
+    """``a`` and ``b`` view the same elements the same way (same storage address, shape,
+    strides, dtype): a module's output and a transpose of a transpose of it."""
+    return (
+        isinstance(a, Tensor)
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.data_ptr() == b.data_ptr()
+    )
 
 
 def expected_channels(model: nn.Module) -> Optional[int]:
@@ -116,6 +143,9 @@ def _layout_candidates(
     if feats.dim() == 4:
         for relu in relus:
             out += [FeatureLayout("NCHW", relu=relu), FeatureLayout("NHWC", relu=relu)]
+    elif feats.dim() == 5:
+        for relu in relus:
+            out += [FeatureLayout("NCTHW", relu=relu), FeatureLayout("NTHWC", relu=relu)]
     elif feats.dim() == 3:
         prefixes = [p for p in (prefix_hint, 0, 1, 2, 4, 5, 8) if p is not None]
         seen: list[int] = []
@@ -176,6 +206,7 @@ class _TrunkReading:
     head_calls: list[Call]  # the leaf calls after it
     target: Tensor  # the pooled vector the head receives, (B, K)
     candidates: list[Tensor]  # feature tensors to try, most likely first
+    channels_first: bool = False  # the pool's input is (B, K, N): candidates are its transpose
 
 
 def _obtain_trace(
@@ -228,10 +259,16 @@ def _read_trunk(trace: ForwardTrace, logits: Tensor) -> _TrunkReading:
     out_t = first_tensor(last.out)
     head_calls = leaves[trunk_end + 1 :]
     candidates: list[Tensor] = []
+    channels_first = False
     if _pooled(out_t):
         pool_call: Optional[Call] = last
         feats = last.inp
         target = out_t.flatten(1) if out_t is not None else None
+    elif _pooled_1d(last.inp, out_t) and last.inp is not None and out_t is not None:
+        # (B, K, N) -> (B, K, 1): the feature map is the (B, N, K) tokens it transposes
+        pool_call, channels_first = last, True
+        feats = last.inp.transpose(1, 2)
+        target = out_t.flatten(1)
     else:
         pool_call = None
         feats = out_t
@@ -250,7 +287,7 @@ def _read_trunk(trace: ForwardTrace, logits: Tensor) -> _TrunkReading:
     if feats is None or target is None:
         raise AdapterNotFoundError("could not read the feature map and the pooled vector")
     candidates.insert(0, feats)
-    return _TrunkReading(last, pool_call, head_calls, target, candidates)
+    return _TrunkReading(last, pool_call, head_calls, target, candidates, channels_first)
 
 
 def _fold_chain(
@@ -293,11 +330,26 @@ def _match_layout(
         if layout is not None:
             break
     model, pool_call, last = trace.model, reading.pool_call, reading.last
-    producers = [c for c in trace.calls if first_tensor(c.out) is feats and c.module is not model]
+    if reading.channels_first:  # feats is a new view object: match the producer by view
+        producers = [
+            c
+            for c in trace.calls
+            if _same_view(first_tensor(c.out), feats) and c.module is not model
+        ]
+    else:
+        producers = [
+            c for c in trace.calls if first_tensor(c.out) is feats and c.module is not model
+        ]
     capture: CaptureKind
     if producers:
         feature_call = producers[-1]  # outermost: it completes last
         feature_module, feature_name, capture = feature_call.module, feature_call.name, "output"
+    elif reading.channels_first:
+        raise AdapterNotFoundError(
+            f"'{reading.last.name}' pools a (B, K, N) tensor that is the transpose of no "
+            "module's output, so there is no module to capture the tokens from; register an "
+            "adapter"
+        )
     elif pool_call is not None:
         feature_module, feature_name, capture = pool_call.module, pool_call.name, "input"
     else:

@@ -5,7 +5,7 @@ With the pooled vector ``p = mean_xy f(x, y)`` the head computes ``S = A p + a``
 a chain of
 
 * ``nn.Linear``            ``p -> W p + b``
-* 1x1 ``nn.Conv2d``        the same on a ``(B, K, 1, 1)`` tensor
+* 1x1 ``nn.Conv2d``        the same on a ``(B, K, 1, 1)`` tensor (also pointwise Conv1d / Conv3d)
 * ``BatchNorm1d/2d`` (eval) ``p -> s * p + t`` with ``s = γ / sqrt(var + eps)``, ``t = β - μ s``
 * ``Dropout`` (eval), ``Identity``, ``Flatten``: nothing
 
@@ -60,6 +60,11 @@ def is_passthrough(module: nn.Module) -> bool:
     }
 
 
+def _per_channel(v: Tensor, ndim: int) -> Tensor:
+    """A ``(K,)`` vector shaped to broadcast over ``(B, K, *spatial)``."""
+    return v.reshape(1, -1, *([1] * (ndim - 2)))
+
+
 def logits_error(predicted: Tensor, logits: Tensor) -> tuple[float, float]:
     """``(max |Ŝ − S|, max(1, max |S|))``: how far the logits ``Ŝ`` a folded head predicts are
     from the model's ``S``, and the scale that error is judged against. Shapes must match."""
@@ -104,16 +109,16 @@ class FoldedHead:
         """Apply the affine part before the norm per location: ``(B, K, h, w) -> (B, K', h, w)``."""
         if self.pre_weight is None:
             return features
-        out = torch.einsum("jk,bkhw->bjhw", self.pre_weight.to(features.dtype), features)
+        out = torch.einsum("jk,bk...->bj...", self.pre_weight.to(features.dtype), features)
         if self.pre_bias is not None:
-            out = out + self.pre_bias.to(features.dtype)[None, :, None, None]
+            out = out + _per_channel(self.pre_bias.to(features.dtype), out.dim())
         return out
 
     def norm_stats(self, projected: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample ``μ`` and ``σ`` of the pooled projected features, each ``(B, 1)``."""
         if self.norm_eps is None:
             raise RuntimeError("norm_stats called on a head without a LayerNorm")
-        pooled = projected.mean(dim=(2, 3))
+        pooled = projected.flatten(2).mean(dim=2)
         mu = pooled.mean(dim=1, keepdim=True)
         var = pooled.var(dim=1, unbiased=False, keepdim=True)
         return mu, torch.sqrt(var + self.norm_eps)
@@ -121,7 +126,7 @@ class FoldedHead:
     def logits(self, features: Tensor) -> Tensor:
         """Logits ``S = W' n(mean_xy q) + b'`` from ``(B, K, h, w)`` features."""
         q = self.project(features)
-        pooled = q.mean(dim=(2, 3))
+        pooled = q.flatten(2).mean(dim=2)
         if self.norm_eps is not None:
             mu, sigma = self.norm_stats(q)
             pooled = (pooled - mu) / sigma
@@ -161,18 +166,20 @@ class FoldedHead:
         q = self.project(features)
         weight = self.weight.to(q.dtype)
         if classes is None:
-            out = torch.einsum("ck,bkhw->bchw", weight, q)
-            row_sums = weight.sum(dim=1)[None, :, None, None]
+            out = torch.einsum("ck,bk...->bc...", weight, q)
+            row_sums = weight.sum(dim=1)[None, :]
         else:
             rows = weight[classes]  # (B, k, K)
             b, k_sel = classes.shape
             out = torch.bmm(rows, q.reshape(q.shape[0], q.shape[1], -1)).reshape(
-                b, k_sel, q.shape[2], q.shape[3]
+                b, k_sel, *q.shape[2:]
             )
-            row_sums = rows.sum(dim=2)[:, :, None, None]
+            row_sums = rows.sum(dim=2)
         if self.norm_eps is not None:
             mu, sigma = self.norm_stats(q)
-            out = (out - row_sums * mu[:, :, None, None]) / sigma[:, :, None, None]
+            spatial = (1,) * (out.dim() - 2)
+            shift = (row_sums * mu).reshape(*out.shape[:2], *spatial)
+            out = (out - shift) / sigma.reshape(-1, 1, *spatial)
         return out
 
     def class_bias(self, classes: Optional[Tensor] = None) -> Tensor:
@@ -228,13 +235,15 @@ def _affine_of(module: nn.Module, name: str) -> Optional[_Affine]:
     """The affine map ``module(p) = A p + a`` of a foldable module, else ``None``."""
     if isinstance(module, nn.Linear):
         return _Affine(module.weight, module.bias)
-    if isinstance(module, nn.Conv2d):
-        if module.kernel_size != (1, 1) or module.groups != 1 or module.padding not in ((0, 0), 0):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        pointwise = all(k == 1 for k in module.kernel_size)
+        unpadded = module.padding == 0 or all(p == 0 for p in module.padding)  # type: ignore[union-attr]
+        if not pointwise or module.groups != 1 or not unpadded:
             raise UnsupportedHeadError(
                 f"head module '{name}' ({module!r}) is a convolution that is not 1x1 / "
                 f"ungrouped / unpadded; it cannot be folded. {CONVERT_HINT}"
             )
-        return _Affine(module.weight[:, :, 0, 0], module.bias)
+        return _Affine(module.weight.reshape(module.weight.shape[0], -1), module.bias)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if module.running_mean is None or module.running_var is None:
             raise UnsupportedHeadError(

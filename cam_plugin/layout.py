@@ -7,6 +7,11 @@ Three layouts cover the supported families:
 * ``tokens`` ``(B, N, K)`` token sequences of vision transformers; the first
   ``num_prefix_tokens`` (class / register tokens) are dropped and the remaining
   ``h * w`` patch tokens are reshaped row-major to the patch grid.
+
+and two cover video (space-time) models, whose maps are ``(B, K, T, h, w)``:
+
+* ``NCTHW``  3-D convolutional networks (torchvision ``r3d_18``, ``mc3_18``, ``r2plus1d_18``)
+* ``NTHWC``  channels-last space-time features (Video Swin)
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from torch import Tensor
 
 from .errors import CAMInputError
 
-LayoutKind = Literal["NCHW", "NHWC", "tokens"]
+LayoutKind = Literal["NCHW", "NHWC", "tokens", "NCTHW", "NTHWC"]
+_KINDS = ("NCHW", "NHWC", "tokens", "NCTHW", "NTHWC")
 
 __all__ = ["FeatureLayout", "LayoutKind"]
 
@@ -46,21 +52,27 @@ class FeatureLayout:
     grid: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("NCHW", "NHWC", "tokens"):
+        if self.kind not in _KINDS:
             raise CAMInputError(
-                f"layout kind must be 'NCHW', 'NHWC' or 'tokens', got {self.kind!r}"
+                "layout kind must be 'NCHW', 'NHWC' or 'tokens' (images) or 'NCTHW' / 'NTHWC' "
+                f"(video), got {self.kind!r}"
             )
         if self.num_prefix_tokens < 0:
             raise CAMInputError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens}")
 
     def to_nchw(self, captured: Tensor, input_hw: Optional[tuple[int, int]] = None) -> Tensor:
-        """Return the captured features as ``(B, K, h, w)`` (a view where possible).
+        """Return the captured features as ``(B, K, h, w)`` (``(B, K, T, h, w)`` for the video
+        layouts), a view where possible.
 
         For ``tokens`` the patch grid is ``grid`` when set, else ``h = round(sqrt(N * H / W))``
         from the patch-token count ``N`` and the input size ``(H, W)`` (square when unknown).
         """
         if self.kind == "NCHW":
             feats = _expect_rank(captured, 4, "NCHW")
+        elif self.kind == "NCTHW":
+            feats = _expect_rank(captured, 5, "NCTHW")
+        elif self.kind == "NTHWC":
+            feats = _expect_rank(captured, 5, "NTHWC").permute(0, 4, 1, 2, 3)
         elif self.kind == "NHWC":
             feats = _expect_rank(captured, 4, "NHWC").permute(0, 3, 1, 2)
         else:
@@ -77,9 +89,12 @@ class FeatureLayout:
 
     def pool(self, captured: Tensor) -> Tensor:
         """Global average pool of the captured tensor, ``(B, K)``, as the head computes it."""
-        if self.kind == "NCHW":
+        if self.kind in ("NCHW", "NCTHW"):
             feats = torch.relu(captured) if self.relu else captured
-            return feats.mean(dim=(2, 3))
+            return feats.flatten(2).mean(dim=2)
+        if self.kind == "NTHWC":
+            feats = torch.relu(captured) if self.relu else captured
+            return feats.mean(dim=(1, 2, 3))
         if self.kind == "NHWC":
             feats = torch.relu(captured) if self.relu else captured
             return feats.mean(dim=(1, 2))

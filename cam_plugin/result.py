@@ -41,11 +41,12 @@ _MODES = ("bilinear", "bicubic", "nearest")
 
 
 def minmax_normalize(maps: Tensor) -> Tensor:
-    """Per-map min-max scaling over the last two dims: ``(m − min) / (max − min)``.
+    """Per-map min-max scaling over the last two dims (the last three for a ``(B, k, T, H, W)``
+    clip, so a clip is scaled as one): ``(m − min) / (max − min)``.
 
     A constant map (``max == min``) becomes all zeros, never NaN.
     """
-    flat = maps.flatten(-2)
+    flat = maps.flatten(-3) if maps.dim() == 5 else maps.flatten(-2)
     lo = flat.amin(dim=-1, keepdim=True)
     hi = flat.amax(dim=-1, keepdim=True)
     span = hi - lo
@@ -96,11 +97,15 @@ class CAMResult:
 
     Attributes:
         maps: ``(B, k, h, w)``; at feature resolution straight from :class:`~cam_plugin.CAM`.
+            For video models ``(B, k, T', h, w)`` (space-time maps; the identity averages
+            over ``t, x, y``).
         logits: ``(B, C)`` the model's own output for the batch.
         classes: ``(B, k)`` class index of every map; ``-1`` pads ragged multi-label targets.
         bias: ``(B, k)`` the folded head's bias ``b'_c`` of every map, so that at feature
             resolution ``maps.mean((2, 3)) + bias == logits.gather(1, classes)``.
         input_size: ``(H, W)`` of the images.
+        frames: ``T``, the number of input frames of a video clip (``None`` for images);
+            :meth:`upsample` then resizes the maps to ``(T, H, W)``.
         exact: False for max-pooled heads (the identity does not hold).
         stage: ``"feature"``, or the operations applied since (``"upsampled"``, ...).
         placement: where each feature cell sits on the image
@@ -121,6 +126,7 @@ class CAMResult:
     stage: str = "feature"
     placement: Optional[Placement] = None
     contrast: Optional[Tensor] = None
+    frames: Optional[int] = None
 
     @property
     def valid(self) -> Tensor:
@@ -145,7 +151,7 @@ class CAMResult:
     def identity_residual(self) -> Tensor:
         """``(B, k)`` of ``mean_xy M_c + b_c − logit_c``: zero up to float error for an exact
         CAM at feature resolution (after upsampling the mean changes slightly)."""
-        res = self.maps.float().mean(dim=(2, 3)) + self.bias.float() - self.scores.float()
+        res = self.maps.float().flatten(2).mean(dim=2) + self.bias.float() - self.scores.float()
         return res * self.valid
 
     def upsample(
@@ -182,6 +188,8 @@ class CAMResult:
                 f"placement must be a cam_plugin.placement.Placement, 'auto', 'bilinear' or "
                 f"None; got {placement!r}"
             )
+        if placement is not None and self.maps.dim() == 5:
+            raise CAMInputError("placed upsampling is for image maps; clips are resized plainly")
         if placement is not None:
             if mode == "bicubic":
                 raise CAMInputError("placed upsampling supports mode 'bilinear' or 'nearest'")
@@ -189,6 +197,11 @@ class CAMResult:
             maps = place_maps(self.maps, target, scaled, mode=mode)  # type: ignore[arg-type]
             return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
         ac = None if mode == "nearest" else align_corners
+        if self.maps.dim() == 5:  # a clip: (T', h, w) -> (T, H, W)
+            frames = self.frames if self.frames is not None else int(self.maps.shape[2])
+            mode3 = {"bilinear": "trilinear", "bicubic": "trilinear"}.get(mode, mode)
+            maps = F.interpolate(self.maps, size=(frames, *target), mode=mode3, align_corners=ac)
+            return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
         maps = F.interpolate(self.maps, size=target, mode=mode, align_corners=ac)
         return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
 
@@ -200,15 +213,20 @@ class CAMResult:
         """Clamp negative evidence to zero."""
         return replace(self, maps=torch.relu(self.maps), stage=self._after("relu"))
 
-    def boxes(self, threshold: float = 0.2) -> Tensor:
+    def boxes(self, threshold: float = 0.2, *, warn_above: Optional[int] = 2048) -> Tensor:
         """The paper's box per map: pixels ``>= threshold × max`` of the map, largest
         8-connected component, its ``(x0, y0, x1, y1)`` (inclusive pixels); ``(B, k, 4)``.
 
         Coordinates are in the maps' current resolution: call :meth:`upsample` first to
-        get boxes in input pixels.
+        get boxes in input pixels. Boxing costs about a millisecond per 224 x 224 map on one
+        CPU core (:func:`cam_plugin.localize.threshold_boxes`), so every class of a batch
+        after upsampling (``targets="all"``) takes seconds: with more than ``warn_above``
+        maps a ``UserWarning`` gives the estimated time and the way out (box the
+        top classes, or box at feature resolution and scale the boxes). ``None`` never warns.
         """
-        from .localize import threshold_boxes
+        from .localize import box_cost_warning, threshold_boxes
 
+        box_cost_warning(self.maps, warn_above)
         return threshold_boxes(self.maps, threshold)
 
     def masks(self, threshold: float = 0.2) -> Tensor:

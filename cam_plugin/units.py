@@ -84,7 +84,7 @@ def rank_units(
     u = unit_maps(head, features)  # (B, K, h, w)
     n = min(top, u.shape[1])
     w = head.weight.to(u.dtype)[classes.clamp_min(0)]  # (B, k, K)
-    contrib = w * u.mean(dim=(2, 3))[:, None, :]  # (B, k, K)
+    contrib = w * u.flatten(2).mean(dim=2)[:, None, :]  # (B, k, K)
     score = contrib if by == "contribution" else w
     idx = score.topk(n, dim=2).indices  # (B, k, n)
     b, k = classes.shape
