@@ -432,6 +432,8 @@ def discover(
             average pool (names the module and points to ``cam_plugin.convert``).
         AdapterNotFoundError: the structure could not be read (says why).
     """
+    if prefix_tokens is None and isinstance(getattr(model, "num_prefix_tokens", None), int):
+        prefix_tokens = int(model.num_prefix_tokens)  # type: ignore[arg-type]
     trace, size = _obtain_trace(model, example, input_size, probe_batch)
     output = output_fn(trace.output) if output_fn is not None else trace.output
     logits = output if isinstance(output, Tensor) else None

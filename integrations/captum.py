@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,8 @@ from torch import Tensor, nn
 
 from cam_plugin.adapter import Adapter
 from cam_plugin.cam import check_eval_mode, check_images
+from cam_plugin.capture import ForwardCapture, resolve_without_forward
+from cam_plugin.discovery import expected_channels
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError
 from cam_plugin.hooks import CaptureKind, FeatureCapture
 from cam_plugin.registry import resolve
@@ -231,28 +234,47 @@ class ClassActivationMap(LayerAttribution):
                     ", so pass model=<the nn.Module it calls> (its adapter is found by the "
                     "registry) or adapter=cam_plugin.Adapter(feature_module=..., head=[...])"
                 )
-            adapter = resolve(host)
+            # no forward here: an adapter that needs one is read from the first attribute()
+            adapter = resolve_without_forward(host)
         self._layer_defaulted = layer is None
-        if layer is None:
+        if layer is None and adapter is not None:
             layer = adapter.feature_module
-        if not isinstance(layer, nn.Module):
+        if layer is not None and not isinstance(layer, nn.Module):
             raise TypeError(
                 f"layer must be one nn.Module (the feature layer) or None, got "
                 f"{type(layer).__name__}"
             )
-        if host is not None and not any(m is layer for m in host.modules()):
+        if layer is not None and host is not None and not any(m is layer for m in host.modules()):
+            where = f"'{adapter.feature_name or adapter.name}'" if adapter is not None else ""
             raise CAMInputError(
                 f"layer {type(layer).__name__} is not a module of the model "
-                f"{type(host).__name__}; pass layer=None to use the feature layer "
-                f"'{adapter.feature_name or adapter.name}'"
+                f"{type(host).__name__}; pass layer=None to use the feature layer {where}".rstrip()
             )
-        super().__init__(forward_func, layer, device_ids)
-        self.adapter = adapter
+        super().__init__(forward_func, layer, device_ids)  # type: ignore[arg-type]
+        self._adapter: Optional[Adapter] = adapter
         self.model = host
         self.verify = verify
         self._forward_is_model = is_module and (
             model is None or forward_func is model or getattr(forward_func, "module", None) is model
         )
+
+    @property
+    def adapter(self) -> Adapter:
+        """The adapter: given, found without a forward, or read from the first
+        :meth:`attribute` call's forward (before that call it raises)."""
+        if self._adapter is None:
+            raise CAMInputError(
+                "the adapter of this model is read from the forward of the first attribute() "
+                "call, and none has run yet: call attribute(inputs) once, or pass "
+                "adapter=cam_plugin.resolve(model, example=inputs)"
+            )
+        return self._adapter
+
+    def _set_adapter(self, adapter: Adapter) -> None:
+        if self._adapter is None:
+            self._adapter = adapter
+            if self._layer_defaulted:
+                self.layer = adapter.feature_module
 
     # -- Captum's contract ---------------------------------------------------------------
     def has_convergence_delta(self) -> bool:
@@ -283,16 +305,55 @@ class ClassActivationMap(LayerAttribution):
                     "model's other arguments as additional_forward_args"
                 )
             inputs = inputs[0]
-        return check_images(inputs, self.adapter, name="inputs", batch="N")
+        return check_images(
+            inputs,
+            self._adapter,
+            name="inputs",
+            batch="N",
+            model=self.model,
+            channels=expected_channels(self.model) if self.model is not None else None,
+        )
 
     def _check_mode(self) -> None:
-        check_eval_mode(self.model, self.adapter)
+        check_eval_mode(self.model, self._adapter)
 
     def _forward(self, inputs: Tensor, extra: tuple[Any, ...]) -> Any:
         func: Callable[..., Any] = self.forward_func
         while isinstance(func, _PARALLEL):
             func = func.module
         return func(inputs, *extra)
+
+    def _one_forward(
+        self, images: Tensor, extra: tuple[Any, ...], to_layer_input: bool
+    ) -> tuple[Adapter, Tensor, Any]:
+        """One forward of ``forward_func``: the adapter (read from this forward on the first
+        call), the captured feature map, the output, and where the user's layer is read.
+        A layer given by the user is captured in the same forward and must hold the very
+        tensor the head pools (:meth:`_check_layer`)."""
+        user_layer = None if self._layer_defaulted else self.layer
+        capture = ForwardCapture(self.model, self._adapter) if self.model is not None else None
+        if capture is None:  # an explicit adapter and a plain function
+            capture = ForwardCapture(self.adapter.feature_module, self.adapter)
+        seen: dict[str, Optional[Tensor]] = {}
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(capture)
+            layer_caps: dict[str, FeatureCapture] = {}
+            if user_layer is not None:
+                for k in ("output", "input"):
+                    layer_caps[k] = stack.enter_context(FeatureCapture(user_layer, k))  # type: ignore[arg-type]
+            output = self._forward(images, extra)
+            seen = {k: c.value for k, c in layer_caps.items()}
+        adapter, captured = capture.finish(images, output)
+        self._set_adapter(adapter)
+        kind: CaptureKind = "input" if to_layer_input else "output"
+        if self._layer_defaulted and adapter.capture == "input":
+            kind = "input"  # the default layer is wherever the adapter reads the features
+        own_layer = user_layer is None or (
+            user_layer is adapter.feature_module and kind == adapter.capture
+        )
+        if not own_layer:
+            self._check_layer(kind, captured, seen)
+        return adapter, captured, output
 
     def _model_output(self, output: Any, batch: int, adapter: Adapter) -> Any:
         """What the core step reads the logits from: the model's output when
@@ -376,32 +437,12 @@ class ClassActivationMap(LayerAttribution):
         images = self._format_inputs(inputs)
         extra = _format_additional(additional_forward_args)
         self._check_mode()
-        adapter = self.adapter
-        kind: CaptureKind = "input" if attribute_to_layer_input else "output"
-        if self._layer_defaulted and adapter.capture == "input":
-            kind = "input"  # the default layer is wherever the adapter reads the features
-        own_layer = self.layer is adapter.feature_module and kind == adapter.capture
-        seen: dict[str, Optional[Tensor]] = {}
+        if self._adapter is None and not self._forward_is_model and self.model is not None:
+            # forward_func wraps the model: its output need not be the logits the reading
+            # checks, so the model itself is read once on these inputs
+            self._set_adapter(resolve(self.model, example=images))
         with torch.no_grad():
-            with contextlib.ExitStack() as stack:
-                feature_cap = stack.enter_context(
-                    FeatureCapture(adapter.feature_module, adapter.capture)
-                )
-                layer_caps: dict[str, FeatureCapture] = {}
-                if not own_layer:
-                    for k in ("output", "input"):
-                        layer_caps[k] = stack.enter_context(FeatureCapture(self.layer, k))  # type: ignore[arg-type]
-                output = self._forward(images, extra)
-                captured = feature_cap.value
-                seen = {k: c.value for k, c in layer_caps.items()}
-            if captured is None:
-                raise CAMInputError(
-                    f"the feature module '{self._name_of(adapter.feature_module)}' was not "
-                    "called during the forward pass (or gave no tensor); is the adapter for "
-                    "this model?"
-                )
-            if not own_layer:
-                self._check_layer(kind, captured, seen)
+            adapter, captured, output = self._one_forward(images, extra, attribute_to_layer_input)
             batch = int(images.shape[0])
             if captured.shape[0] != batch:
                 raise CAMInputError(
@@ -426,4 +467,5 @@ class ClassActivationMap(LayerAttribution):
         return (maps,) if isinstance(inputs, tuple) else maps
 
     def __repr__(self) -> str:
-        return f"ClassActivationMap({self.adapter.name})"
+        name = self._adapter.name if self._adapter is not None else "unresolved"
+        return f"ClassActivationMap({name})"

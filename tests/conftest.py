@@ -12,6 +12,6 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture
-def tiny_cnn() -> torch.nn.Module:
+def tiny_cnn() -> TinyCNN:
     torch.manual_seed(0)
     return randomize_head(TinyCNN()).eval()

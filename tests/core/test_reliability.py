@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from helpers import TinyCNN, images, randomize_head
+from helpers import Counted, TinyCNN, images, randomize_head
 from torch import nn
 
 import cam_plugin as cp
@@ -110,42 +110,10 @@ def test_constructions_racing_a_running_forward() -> None:
     assert cp.count_hooks(model) == 0
 
 
-class Counted:
-    """Counts the calls of a user's forward hook, pre-hook and global hook on the model."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.hook = self.pre = self.global_ = 0
-        self.handles = [
-            model.register_forward_hook(lambda m, a, o: self._inc("hook")),
-            model.register_forward_pre_hook(lambda m, a: self._inc("pre")),
-            nn.modules.module.register_module_forward_hook(self._global),
-        ]
-
-    def _inc(self, name: str) -> None:
-        setattr(self, name, getattr(self, name) + 1)
-
-    def _global(self, module: nn.Module, args: object, out: object) -> None:
-        if module is self.model:
-            self.global_ += 1
-
-    def counts(self) -> tuple[int, int, int]:
-        return self.hook, self.pre, self.global_
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-@pytest.mark.parametrize("kind", ["generic", "timm"])
-def test_user_hooks_fire_once_per_call_and_never_at_construction(kind: str) -> None:
-    if kind == "timm":
-        timm = pytest.importorskip("timm")
-        model = randomize_head(timm.create_model("resnet18", num_classes=4)).eval()
-        size = 64  # a 2x2 last map: read from the call itself
-    else:
-        model = _shared_model()
-        size = 16
+def test_user_hooks_fire_once_per_call_and_never_at_construction() -> None:
+    """The timm ResNet variant lives in tests/integrations/test_timm.py."""
+    model = _shared_model()
+    size = 16
     counted = Counted(model)
     try:
         cam = cp.CAM(model)

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import matplotlib
+import pytest
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("captum")
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt
-import numpy as np
-import pytest
-import timm
-import torch
-import torch.nn.functional as F
-from cam_plugin.integrations.captum import ClassActivationMap, target_classes
-from captum.attr import LayerAttribution, LayerGradCam
-from captum.attr import visualization as viz
-from captum.metrics import infidelity, infidelity_perturb_func_decorator, sensitivity_max
-from torch import nn
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from cam_plugin.integrations.captum import ClassActivationMap, target_classes  # noqa: E402
+from captum.attr import LayerAttribution, LayerGradCam  # noqa: E402
+from captum.attr import visualization as viz  # noqa: E402
+from captum.metrics import (  # noqa: E402
+    infidelity,
+    infidelity_perturb_func_decorator,
+    sensitivity_max,
+)
+from torch import nn  # noqa: E402
 
-import cam_plugin as cp
-from cam_plugin.errors import CAMInputError, UnsupportedHeadError
+import cam_plugin as cp  # noqa: E402
+from cam_plugin.errors import CAMInputError, UnsupportedHeadError  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -359,9 +366,10 @@ def test_plain_function_and_additional_forward_args() -> None:
     torch.manual_seed(0)
     model = Gain().eval()
     x = _images(2, 32)
-    cam = ClassActivationMap(model)  # the generic probe finds body -> mean -> fc
-    assert cam.layer is model.body
+    cam = ClassActivationMap(model)  # the generic reading finds body -> mean -> fc
+    assert cam.layer is None  # read from the first call's forward, not a probe
     a = cam.attribute(x, target=1, additional_forward_args=2.0)
+    assert cam.layer is model.body
     torch.testing.assert_close(a, cam.attribute(x * 2.0, target=1))
     gc = LayerGradCam(model, model.body).attribute(x, 1, additional_forward_args=2.0)
     torch.testing.assert_close(a, gc * 16 * 16, atol=1e-5, rtol=1e-4)
@@ -442,8 +450,8 @@ def test_feature_map_read_from_the_pool_input() -> None:
     model = FunctionalRelu().eval()
     x = _images(2, 16)
     cam = ClassActivationMap(model)
-    assert cam.layer is model.pool and cam.adapter.capture == "input"
     attr = cam.attribute(x, target=[0, 3])
+    assert cam.layer is model.pool and cam.adapter.capture == "input"
     gc = LayerGradCam(model, model.pool).attribute(x, [0, 3], attribute_to_layer_input=True)
     torch.testing.assert_close(attr, gc * 64, atol=1e-5, rtol=1e-4)
     explicit = ClassActivationMap(model, model.pool, adapter=cam.adapter)
