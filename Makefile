@@ -12,11 +12,12 @@ export NO_MKDOCS_2_WARNING := 1
 export MPLBACKEND := Agg
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD := 1
 
-.PHONY: help demo test lint typecheck pytest docs bench bench-wsol compare wheel clean
+.PHONY: help demo test test-core lint typecheck pytest docs bench bench-wsol compare wheel clean
 
 help:
 	@echo "make demo    - install (torch CPU, timm, demo data) and write CAM pictures to outputs/"
 	@echo "make test    - install everything, then ruff, mypy, pytest, mkdocs build --strict"
+	@echo "make test-core - the torch-only core tests (tests/core) on the demo venv, in minutes"
 	@echo "make bench / bench-wsol / compare - benchmarks (see docs/)"
 
 # -- environments -------------------------------------------------------------------------
@@ -37,6 +38,11 @@ $(VENV)/.demo: $(VENV)/.base pyproject.toml
 $(VENV)/.test: $(VENV)/.demo pyproject.toml
 	$(PIP) "setuptools>=68" wheel
 	$(PIP) -e ".[timm,demo,captum,onnx,docs,test]"
+	$(PIP) "lightning>=2.2,<3" tensorboard
+# transformers (the [hf] extra) pinned below 4.52: newer ones break `import mmpretrain.models`
+# (OFA imports GenerationMixin from transformers.modeling_utils; >= 4.56 BLIP too), see
+# ../shared/ENVIRONMENT.md "transformers next to mmpretrain"
+	$(PIP) "transformers>=4.40,<4.52"
 	$(PIP) torchcam grad-cam
 	$(PIP) addict pyyaml rich termcolor yapf opencv-python-headless einops importlib-metadata \
 	    mat4py modelindex pycocotools scipy shapely six terminaltables
@@ -50,6 +56,11 @@ demo: $(VENV)/.demo
 
 test: $(VENV)/.test
 	$(MAKE) lint typecheck pytest docs
+
+# the core tests need only the demo venv (torch, no timm, no mmcv build): green in minutes
+test-core: $(VENV)/.demo
+	$(PIP) pytest
+	$(BIN)/pytest -q tests/core
 
 lint:
 	$(BIN)/ruff check cam_plugin integrations tests benchmarks tools
