@@ -165,6 +165,18 @@ def _same_tensor(a: Optional[Tensor], b: Tensor) -> bool:
     return bool(torch.equal(a, b))
 
 
+def _logits_source(output: Any, batch: int, adapter: Adapter, forward_is_model: bool) -> Any:
+    """What the core step reads the logits from: the model's output when ``forward_func``
+    is the model; a ``(N, C)`` tensor a wrapping function returned; else ``None`` (the
+    folded head's logits ``W' mean_xy f + b'`` are used)."""
+    if forward_is_model:
+        return output
+    num_classes = adapter.fold().num_classes
+    if isinstance(output, Tensor) and output.shape == (batch, num_classes):
+        return output
+    return None
+
+
 class ClassActivationMap(LayerAttribution):
     """Class Activation Mapping (Zhou et al., CVPR 2016) as a Captum layer attribution.
 
@@ -355,17 +367,6 @@ class ClassActivationMap(LayerAttribution):
             self._check_layer(kind, captured, seen)
         return adapter, captured, output
 
-    def _model_output(self, output: Any, batch: int, adapter: Adapter) -> Any:
-        """What the core step reads the logits from: the model's output when
-        ``forward_func`` is the model; a ``(N, C)`` tensor a wrapping function returned;
-        else ``None`` (the folded head's logits ``W' mean_xy f + b'`` are used)."""
-        if self._forward_is_model:
-            return output
-        num_classes = adapter.fold().num_classes
-        if isinstance(output, Tensor) and output.shape == (batch, num_classes):
-            return output
-        return None
-
     def _check_layer(
         self,
         kind: CaptureKind,
@@ -453,7 +454,7 @@ class ClassActivationMap(LayerAttribution):
             hw = (int(images.shape[-2]), int(images.shape[-1]))
             step = adapter.maps_from_capture(
                 captured,
-                self._model_output(output, batch, adapter),
+                _logits_source(output, batch, adapter, self._forward_is_model),
                 input_hw=hw,
                 select=lambda logits: target_classes(target, logits)[:, None],
                 verify=self.verify and self._forward_is_model,
