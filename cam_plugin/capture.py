@@ -103,12 +103,15 @@ class ForwardCapture:
         RNG and modes restored), and the maps still come from the user's forward."""
         try:
             return resolve(self.model, trace=trace, input_size=self.input_size)
-        except (UnsupportedHeadError, AdapterNotFoundError):
+        except (UnsupportedHeadError, AdapterNotFoundError) as first:
             native = tuple(self.input_size) if self.input_size else guess_input_size(self.model)
             got = tuple(int(v) for v in trace.example.shape[1:])
             if len(native) != 3 or len(got) != 3 or got[1] * got[2] >= native[1] * native[2]:
                 raise
-            return resolve(self.model, input_size=native)
+            try:
+                return resolve(self.model, input_size=native)
+            except (UnsupportedHeadError, AdapterNotFoundError):
+                raise first from None  # the reading of the user's own input says more
 
     def finish(self, example: Tensor, output: Any) -> tuple[Adapter, Tensor]:
         """``(adapter, captured feature tensor)`` of the forward run in the block.
