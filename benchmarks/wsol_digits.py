@@ -6,9 +6,11 @@ steps on :class:`cam_plugin.data.ClutteredDigits`, then evaluated on held-out im
 
 * classification accuracy, Top-1 Loc, GT-known Loc, MaxBoxAcc, MaxBoxAccV2, PxAP
   (:class:`cam_plugin.metrics.WSOLMetrics`, Choe et al., CVPR 2020);
-* for the CAM of the GAP model (upsampled with plain bilinear and with the
-  receptive-field-centred placement of :mod:`cam_plugin.placement`), the GMP model, and two
-  maps that learn nothing: a centred Gaussian and the raw image brightness.
+* for the CAM of the GAP model and of the GMP model, each upsampled two ways —
+  ``res.upsample()``, the default, which centres every cell on its receptive field (the
+  placement traced by :mod:`cam_plugin.tracing`; rows "centred"), and
+  ``res.upsample(placement="bilinear")``, plain bilinear (rows "bilinear") — and two maps
+  that learn nothing: a centred Gaussian and the raw image brightness.
 
 Everything is seeded and the training length is a step count, so two runs print the same
 table. Writes ``docs/wsol.md`` (between the ``wsol-table`` markers), a JSON report and a PNG
@@ -194,11 +196,11 @@ def train(model: torch.nn.Module, data: dict[str, Any], cfg: Config) -> dict[str
 def cam_maps(
     model: Any, images: Tensor, labels: Tensor, cfg: Config
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Ground-truth-class CAMs at image size, bilinear and centred; and the logits."""
+    """Ground-truth-class CAMs at image size — ``upsample()`` (the default: the traced
+    placement, key ``"centred"``) and ``upsample(placement="bilinear")`` — and the logits."""
     import cam_plugin as cp
 
     adapter = model.cam_adapter(allow_inexact=True)
-    placement = model.placement((cfg.canvas, cfg.canvas))
     out: dict[str, list[Tensor]] = {"bilinear": [], "centred": []}
     logits = []
     with cp.CAM(model, adapter=adapter) as cam:
@@ -206,8 +208,11 @@ def cam_maps(
             x = normalize_images(images[i : i + cfg.eval_batch])
             res = cam(x, targets=labels[i : i + cfg.eval_batch])
             logits.append(res.logits)
+            default = res.upsample()
+            if default.upsampled_with != "traced":
+                raise RuntimeError(f"upsample() did not place the cells: {default.upsampled_with}")
             out["bilinear"].append(res.upsample(placement="bilinear").normalize().maps[:, 0])
-            out["centred"].append(res.upsample(placement=placement).normalize().maps[:, 0])
+            out["centred"].append(default.normalize().maps[:, 0])
     return {k: torch.cat(v) for k, v in out.items()}, torch.cat(logits)
 
 
@@ -388,7 +393,11 @@ def summary(report: dict[str, Any]) -> str:
                 f"PxAP {c['PxAP'] - b['PxAP']:+.1f}"
             )
     if deltas:
-        parts.append("Centred minus bilinear placement: " + "; ".join(deltas) + ".")
+        parts.append(
+            "Centred (traced: the default of `upsample()`) minus bilinear placement: "
+            + "; ".join(deltas)
+            + "."
+        )
     if "gap_centred" in rows and "gmp_centred" in rows:
         parts.append(
             "GAP minus GMP (centred), MaxBoxAccV2: "

@@ -26,7 +26,7 @@ from .heads import FoldedHead, fold_head
 from .hooks import FeatureCapture, count_hooks
 from .layout import FeatureLayout
 from .registry import register_adapter, registered_adapters, resolve
-from .result import CAMResult, minmax_normalize
+from .result import CAMResult, MapScale, minmax_normalize
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,9 @@ __all__ = [
     "CAMInputError",
     "CAMModule",
     "CAMResult",
+    "BranchSpec",
+    "ConcatBranchAdapter",
+    "MapScale",
     "ClutteredDigits",
     "WSOLMetrics",
     "FeatureCapture",
@@ -74,6 +77,8 @@ _LAZY = {
     "box_iou": "metrics",
     "ClutteredDigits": "data",
     "CAMModule": "export",
+    "BranchSpec": "branches",
+    "ConcatBranchAdapter": "branches",
     "export_onnx": "export",
 }
 

@@ -10,7 +10,8 @@ pooling) with kernel ``k``, dilation ``d``, stride ``t`` and left padding ``p``:
 
 A pad shifts ``o`` by ``−s · p``; adaptive pooling and resizes compose the affine fit of
 their window / sample centres; pixel-(un)shuffle is a ``r x r`` window / its inverse. The
-tracer of :mod:`cam_plugin.tracing` applies these rules tensor by tensor.
+tracer (:class:`FrameTracer`, run by :mod:`cam_plugin.tracing`) applies these rules tensor by
+tensor.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["Frame", "spatial_frame", "spatial_op"]
+__all__ = ["Frame", "FrameTracer", "SpatialOp", "spatial_frame", "spatial_op"]
 
 
 @dataclass(frozen=True)
@@ -262,3 +265,169 @@ def spatial_frame(
     bound = dict(zip(_SIGNATURES[name], args))
     bound.update(kwargs)
     return _RULES[name](bound, frame, (int(out.shape[-2]), int(out.shape[-1])))
+
+
+# ------------------------------------------------------------------------ the tracer
+
+
+@dataclass(frozen=True)
+class SpatialOp:
+    """One call that changed the frame (convolution, pooling, padding, resize, ...).
+
+    Attributes:
+        op: the torch function's name (``"conv2d"``, ``"max_pool2d"``, ``"pad"``, ...).
+        module_name: qualified name of the innermost module that made the call ("" at the
+            top level).
+        module: that module of the traced model (``None`` at the top level); the model's
+            own module, not the copy's.
+        in_size, out_size: spatial sizes before and after.
+        stride: the call's own stride ``(t_y, t_x)`` (1 for pads).
+        out_stride: the total stride ``(s_y, s_x)`` of its output.
+    """
+
+    op: str
+    module_name: str
+    module: Optional[nn.Module]
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+    stride: tuple[int, int]
+    out_stride: tuple[float, float]
+
+
+class FrameTracer(TorchFunctionMode):
+    """Follows every tensor's frame through one forward pass, tensor by tensor.
+
+    Spatial calls (:func:`spatial_op`) give their outputs :func:`spatial_frame`; a permute /
+    transpose moves the spatial dims; any other call gives outputs of a framed input's
+    spatial size that input's frame (several different frames are averaged and the spread
+    kept in :attr:`disagreement`). ``stack`` is the list of ``(name, module)`` of the
+    modules running now (innermost last), kept by the caller, that :attr:`ops` records.
+    Start it with :meth:`set` on the input (``Frame(1, 1, 0, 0, H, W)``); read a tensor's
+    frame with :meth:`get`."""
+
+    def __init__(self, stack: list[tuple[str, Optional[nn.Module]]]) -> None:
+        super().__init__()
+        self.frames: dict[int, Frame] = {}
+        self.keep: list[Tensor] = []
+        self.ops: list[SpatialOp] = []
+        self.lost: list[str] = []
+        self.disagreement = 0.0
+        self.stack = stack
+
+    def set(self, t: Tensor, frame: Optional[Frame]) -> None:
+        if frame is None:
+            return
+        self.frames[id(t)] = frame
+        self.keep.append(t)
+
+    def get(self, t: Any) -> Optional[Frame]:
+        if isinstance(t, Tensor):
+            fr = self.frames.get(id(t))
+            if fr is not None and fr.fits(t):
+                return fr
+        return None
+
+    def _record(self, name: str, before: Frame, after: Frame, stride: tuple[int, int]) -> None:
+        mod_name, module = self.stack[-1] if self.stack else ("", None)
+        self.ops.append(
+            SpatialOp(
+                op=name,
+                module_name=mod_name,
+                module=module,
+                in_size=(before.h, before.w),
+                out_size=(after.h, after.w),
+                stride=stride,
+                out_stride=(after.sy, after.sx),
+            )
+        )
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: Optional[dict[str, Any]] = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            self._follow(func, args, kwargs, out)
+        except Exception as err:  # a probe must never break the forward pass
+            self.lost.append(f"{getattr(func, '__name__', func)}: {err}")
+        return out
+
+    def _follow(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.dim() >= 3]
+        if not outs:
+            return
+        name = getattr(func, "__name__", "")
+        spatial = spatial_op(func)
+        if spatial is not None and args and isinstance(args[0], Tensor):
+            frame = self.get(args[0])
+            if frame is None or (frame.dy, frame.dx) != (-2, -1):
+                if args[0].dim() == 4:
+                    self.lost.append(f"{spatial}: its input's frame is unknown")
+                return
+            new = spatial_frame(spatial, args, kwargs, frame, outs[0])
+            if new != frame:
+                stride = (round(new.sy / frame.sy), round(new.sx / frame.sx))
+                self._record(spatial, frame, new, stride)
+            for t in outs:
+                if new.fits(t):
+                    self.set(t, new)
+            return
+        if name in ("permute", "transpose", "swapaxes", "swapdims") and args:
+            self._follow_permute(name, args, kwargs, out)
+            return
+        # any other op: outputs with the spatial size of a framed input inherit its frame
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
+        framed = [(t, fr) for t, fr in ((t, self.get(t)) for t in inputs) if fr is not None]
+        if not framed:
+            return
+        for t in outs:
+            same = []
+            for src, fr in framed:
+                if fr.fits(t) and (t.dim() == src.dim() or (fr.dy, fr.dx) == (-2, -1)):
+                    same.append(fr)
+            if not same:
+                if t.dim() == 4 and name not in ("reshape", "view", "flatten", "unflatten"):
+                    self.lost.append(f"{name or func}: changed the size to {tuple(t.shape)}")
+                continue
+            self.set(t, self._merge(same))
+
+    def _follow_permute(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> None:
+        src = args[0]
+        frame = self.get(src)
+        if frame is None or not isinstance(out, Tensor):
+            return
+        rank = src.dim()
+        py, px = frame.dy % rank, frame.dx % rank
+        if name == "permute":
+            dims = args[1:] if len(args) > 2 or not isinstance(args[1], (tuple, list)) else args[1]
+            dims = kwargs.get("dims", dims)
+            order = [int(d) % rank for d in dims]
+        else:
+            d0 = int(args[1] if len(args) > 1 else kwargs.get("dim0", 0)) % rank
+            d1 = int(args[2] if len(args) > 2 else kwargs.get("dim1", 0)) % rank
+            order = list(range(rank))
+            order[d0], order[d1] = order[d1], order[d0]
+        if sorted(order) != list(range(rank)):
+            return
+        moved = frame.moved(order.index(py) - rank, order.index(px) - rank)
+        if moved.fits(out):
+            self.set(out, moved)
+
+    def _merge(self, frames: list[Frame]) -> Frame:
+        first = frames[0]
+        if all(f == first for f in frames[1:]):
+            return first
+        oy = sum(f.oy for f in frames) / len(frames)
+        ox = sum(f.ox for f in frames) / len(frames)
+        spread = max(
+            max(f.oy for f in frames) - min(f.oy for f in frames),
+            max(f.ox for f in frames) - min(f.ox for f in frames),
+        )
+        self.disagreement = max(self.disagreement, spread)
+        return Frame(first.sy, first.sx, oy, ox, first.h, first.w, first.dy, first.dx)

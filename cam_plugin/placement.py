@@ -22,8 +22,10 @@ its errors.
 
 The placement of a real network is *measured* by :mod:`cam_plugin.tracing`
 (:func:`~cam_plugin.tracing.trace_placement`, :func:`~cam_plugin.tracing.feature_placement`,
-a converted model's :meth:`~cam_plugin.convert.CAMClassifier.placement`); use it through
-:meth:`cam_plugin.CAMResult.upsample` (``placement=``).
+a converted model's :meth:`~cam_plugin.convert.CAMClassifier.placement`).
+:meth:`cam_plugin.CAMResult.upsample` uses it by default wherever it can be traced (results of
+:class:`cam_plugin.CAM`: :func:`~cam_plugin.tracing.placement_of`, once per input size);
+``upsample(placement="bilinear")`` is plain ``F.interpolate``.
 """
 
 from __future__ import annotations

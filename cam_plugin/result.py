@@ -14,13 +14,30 @@ they are at that moment, in the order the caller chains them. The usual chain is
 A result is a batch: ``len(res)`` is the number of images, ``res[i]`` / ``res[a:b]`` /
 ``res[mask]`` / ``res[indices]`` (or :meth:`CAMResult.select`) the result of those images,
 and iterating gives one single-image result per image.
+
+Two scales for the values of a map: ``normalize()`` scales each map by its own min and max
+(good for one picture, meaningless across images), ``normalize(scale=MapScale(...))`` puts
+every map on one fixed scale — given bounds, or :meth:`MapScale.fit` over the maps of a
+calibration set — so that two images' maps compare (maps are in logit units:
+``mean_xy M_c + b_c = S_c``).
+
+Placement: ``upsample()`` centres every feature cell on its receptive field (a
+:class:`~cam_plugin.placement.Placement`) whenever the result knows it or can have it
+traced (:attr:`CAMResult.locate`, set by :class:`~cam_plugin.CAM`); ``upsample(
+placement="bilinear")`` is plain ``F.interpolate``. :attr:`CAMResult.upsampled_with` says
+which one was used.
+
+Fused heads (:class:`~cam_plugin.branches.ConcatBranchAdapter`): :attr:`CAMResult.branches`
+holds one result per spatial branch and :attr:`CAMResult.constant` the part of each logit
+that no map holds (see :attr:`CAMResult.branches`).
 """
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Optional, Union
 
 import numpy as np
@@ -31,13 +48,15 @@ from torch import Tensor
 from .errors import CAMInputError
 from .placement import Placement, place_maps
 
-__all__ = ["CAMResult", "minmax_normalize"]
+__all__ = ["CAMResult", "MapScale", "minmax_normalize"]
 
 #: what selects images of a batch: an int, a slice, a bool mask or a list / 1-D tensor of
 #: indices
 BatchIndex = Union[int, slice, Sequence[int], Sequence[bool], Tensor, np.ndarray]
 
 _MODES = ("bilinear", "bicubic", "nearest")
+#: at most this many values are kept by :meth:`MapScale.fit` (an even stride over the rest)
+FIT_MAX_VALUES = 1 << 24
 
 
 def minmax_normalize(maps: Tensor) -> Tensor:
@@ -92,6 +111,125 @@ def _upsample_size(size: Any, input_size: tuple[int, int]) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class MapScale:
+    """One fixed value scale for the maps of many images, next to per-map min-max.
+
+    ``m̂ = clamp((m − low) / (high − low), 0, 1)``: the same raw value (in logit units, since
+    ``mean_xy M_c + b_c = S_c``) gets the same colour in every image, so maps of different
+    images (or classes) can be compared. Build it from given bounds, ``MapScale(low, high)``,
+    or from a calibration pass with :meth:`fit`.
+
+    Attributes:
+        low: the raw value drawn as 0.
+        high: the raw value drawn as 1 (``> low``).
+        label: what the bounds are, for colour bars and reports (``"given bounds"``,
+            ``"p1-p99, 40,960 values"``).
+    """
+
+    low: float
+    high: float
+    label: str = "given bounds"
+
+    def __post_init__(self) -> None:
+        low, high = float(self.low), float(self.high)
+        if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+            raise CAMInputError(
+                f"MapScale needs finite bounds with high > low, got low={self.low!r}, "
+                f"high={self.high!r}"
+            )
+        object.__setattr__(self, "low", low)
+        object.__setattr__(self, "high", high)
+
+    @classmethod
+    def fit(
+        cls,
+        maps: Iterable[Union[CAMResult, Tensor]],
+        *,
+        percentiles: tuple[float, float] = (1.0, 99.0),
+        symmetric: bool = False,
+    ) -> MapScale:
+        """The scale of a calibration set: ``low, high`` = the ``percentiles`` of every value
+        of every map (padding maps of ragged targets left out).
+
+        Args:
+            maps: :class:`CAMResult` objects (any stage: feature resolution or upsampled,
+                raw or after :meth:`CAMResult.relu`) or map tensors ``(..., h, w)``, for
+                example one per batch of a data loader.
+            percentiles: ``(p_low, p_high)`` in ``[0, 100]``; ``(0, 100)`` is the min and
+                max. Percentiles ignore the few extreme values a min-max would be set by.
+            symmetric: ``low = −high`` with ``high`` the ``p_high`` percentile of ``|m|``
+                (signed maps, e.g. contrastive ``M_c − M_c'``: zero stays in the middle).
+
+        Memory stays bounded: once more than ``2 ·`` :data:`FIT_MAX_VALUES` values are held,
+        every second one is dropped (and later maps are sampled at the same stride), so the
+        percentiles come from an even subsample of a large calibration set.
+        """
+        lo_p, hi_p = (float(v) for v in percentiles)
+        if not 0.0 <= lo_p < hi_p <= 100.0:
+            raise CAMInputError(
+                f"percentiles must be (low, high) with 0 <= low < high <= 100, got {percentiles}"
+            )
+        parts: list[Tensor] = []
+        count, held, step = 0, 0, 1
+        for item in maps:
+            values = _scale_values(item)
+            count += values.numel()
+            parts.append(values[::step])
+            held += parts[-1].numel()
+            if held > 2 * FIT_MAX_VALUES:
+                parts, step = [torch.cat(parts)[::2]], step * 2
+                held = parts[0].numel()
+        if count == 0:
+            raise CAMInputError("MapScale.fit needs at least one map with values")
+        arr = torch.cat(parts).numpy()
+        if not np.isfinite(arr).all():
+            raise CAMInputError("MapScale.fit: the maps contain NaN or inf")
+        if symmetric:
+            high = float(np.percentile(np.abs(arr), hi_p))
+            low = -high
+            label = f"±p{hi_p:g} of |m|, {count:,} values"
+        else:
+            low, high = (float(v) for v in np.percentile(arr, [lo_p, hi_p]))
+            label = f"p{lo_p:g}-p{hi_p:g}, {count:,} values"
+        if high <= low:  # constant maps: any non-empty range draws them
+            high = low + 1.0
+        return cls(low, high, label)
+
+    def apply(self, maps: Tensor) -> Tensor:
+        """``clamp((maps − low) / (high − low), 0, 1)``, same shape and dtype."""
+        return ((maps - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
+
+    def __call__(self, maps: Tensor) -> Tensor:
+        """:meth:`apply`."""
+        return self.apply(maps)
+
+
+def _scale_values(item: Any) -> Tensor:
+    """Every value of the real maps of a result (or of a tensor), flat, float32 on the CPU."""
+    if isinstance(item, CAMResult):
+        maps = item.maps.detach()
+        keep = item.valid.to(maps.device)
+        values = maps[keep] if not bool(keep.all()) else maps
+    elif isinstance(item, Tensor):
+        values = item.detach()
+    else:
+        raise CAMInputError(
+            f"MapScale.fit takes CAMResult objects or map tensors, got {type(item).__name__}"
+        )
+    return values.float().flatten().cpu()
+
+
+def _as_scale(scale: Any) -> MapScale:
+    if isinstance(scale, MapScale):
+        return scale
+    if isinstance(scale, (tuple, list)) and len(scale) == 2:
+        return MapScale(float(scale[0]), float(scale[1]))
+    raise CAMInputError(
+        f"scale must be None (per-map min-max), a cam_plugin.MapScale or (low, high); got {scale!r}"
+    )
+
+
+@dataclass(frozen=True)
 class CAMResult:
     """Class activation maps of a batch.
 
@@ -115,6 +253,24 @@ class CAMResult:
             ``M_c − M_c'`` (``None`` for plain maps). The identity then reads
             ``mean_xy (M_c − M_c') + (b_c − b_c') = S_c − S_c'``: ``bias`` holds
             ``b_c − b_c'`` and :attr:`scores` the logit margin ``S_c − S_c'``.
+        locate: traces :attr:`placement` at its first need (set by :class:`~cam_plugin.CAM`:
+            cached per input size, on a weightless copy of the model; ``None`` where the
+            geometry cannot be traced). ``None`` after upsampling.
+        upsampled_with: how :meth:`upsample` placed the cells: the placement's ``source``
+            (``"traced"``; ``"half-pixel"`` / ``"assumed"`` for such a given placement), or
+            the mode of a plain ``F.interpolate`` (``"bilinear"``, ``"nearest"``,
+            ``"bicubic"``); ``None`` before upsampling.
+        scale: the fixed :class:`MapScale` that :meth:`normalize` applied (``None``: raw,
+            or min-max per map when :attr:`stage` says ``normalized``).
+        constant: ``(B, k)`` for a fused head (:class:`~cam_plugin.branches.ConcatBranchAdapter`):
+            the part of each map's logit that comes from non-spatial inputs (a CLS token),
+            ``Σ_j W'_c,j · z_j``; it is included in :attr:`bias`. ``None`` otherwise.
+        branches: for a fused head, one result per spatial branch (by name), each with its
+            own maps, input size and placement. Branch ``i``'s ``bias`` is
+            ``b'_c + constant + Σ_{j≠i} mean_xy M^j_c``, so each branch satisfies the
+            identity on its own, and ``Σ_i mean_xy M^i_c + constant + b'_c = S_c``. This
+            result's own maps are those of the first spatial branch. ``upsample``,
+            ``normalize``, ``relu`` and indexing apply to every branch.
     """
 
     maps: Tensor
@@ -127,6 +283,13 @@ class CAMResult:
     placement: Optional[Placement] = None
     contrast: Optional[Tensor] = None
     frames: Optional[int] = None
+    locate: Optional[Callable[[], Optional[Placement]]] = field(
+        default=None, repr=False, compare=False
+    )
+    upsampled_with: Optional[str] = None
+    scale: Optional[MapScale] = None
+    constant: Optional[Tensor] = None
+    branches: Optional[Mapping[str, CAMResult]] = field(default=None, repr=False, compare=False)
 
     @property
     def valid(self) -> Tensor:
@@ -154,6 +317,15 @@ class CAMResult:
         res = self.maps.float().flatten(2).mean(dim=2) + self.bias.float() - self.scores.float()
         return res * self.valid
 
+    def find_placement(self) -> Optional[Placement]:
+        """:attr:`placement` when known, else what :attr:`locate` traces (cached), else
+        ``None`` (upsampling is then plain ``F.interpolate``)."""
+        if self.placement is not None:
+            return self.placement
+        if self.locate is None or self.maps.dim() != 4:
+            return None
+        return self.locate()
+
     def upsample(
         self,
         size: Union[int, Sequence[int], None] = None,
@@ -161,7 +333,8 @@ class CAMResult:
         align_corners: Optional[bool] = False,
         placement: Union[Placement, Literal["auto", "bilinear"], None] = "auto",
     ) -> CAMResult:
-        """Resize the maps, by default to the input size.
+        """Resize the maps, by default to the input size, with every feature cell centred on
+        its receptive field wherever that is known.
 
         Args:
             size: ``(H, W)`` (integers ``>= 1``); an int ``n`` means ``n x n`` (like
@@ -169,49 +342,77 @@ class CAMResult:
                 float, a bool, three values) raises :class:`~cam_plugin.CAMInputError`.
             mode: interpolation (``"bilinear"``, ``"bicubic"``, ``"nearest"``).
             align_corners: as in ``F.interpolate`` (plain upsampling only).
-            placement: where feature cell ``i`` goes: at input pixel ``o + s·i`` for a
+            placement: where feature cell ``i`` goes. ``"auto"`` (default): at input pixel
+                ``o + s·i`` of :meth:`find_placement` — the result's :attr:`placement`, or
+                the one :attr:`locate` traces at this first need (a result of
+                :class:`~cam_plugin.CAM` on an NCHW model) — resampled by
+                :func:`cam_plugin.placement.place_maps`; plain ``F.interpolate`` when none
+                is known or for ``mode="bicubic"``. A
                 :class:`~cam_plugin.placement.Placement` (a converted model's
-                ``placement(input_size)``, or :func:`cam_plugin.placement.feature_placement`),
-                resampled by :func:`cam_plugin.placement.place_maps` (``"bilinear"`` /
-                ``"nearest"``); ``"auto"`` (default) uses :attr:`placement` of this result
-                when it is known, else plain ``F.interpolate``; ``"bilinear"`` or ``None``:
-                plain ``F.interpolate`` (``align_corners=False`` puts cell ``i`` at
-                ``s·i + (s − 1)/2``, half a cell off for padded strided convolutions).
+                ``placement(input_size)``, :func:`cam_plugin.tracing.feature_placement`):
+                that one (``"bilinear"`` / ``"nearest"`` only). ``"bilinear"`` or
+                ``None``: plain ``F.interpolate`` (``align_corners=False`` puts cell ``i``
+                at ``s·i + (s − 1)/2``, half a cell off for padded strided convolutions),
+                and nothing is traced. :attr:`upsampled_with` says which was used.
         """
         target = _upsample_size(size, self.input_size)
         if mode not in _MODES:
             raise CAMInputError(f"upsample mode must be one of {_MODES}, got {mode!r}")
-        if isinstance(placement, str) and placement in ("auto", "bilinear"):
-            placement = self.placement if placement == "auto" else None
-        elif placement is not None and not isinstance(placement, Placement):
+        known = placement is None or isinstance(placement, Placement)
+        if not known and placement not in ("auto", "bilinear"):
             raise CAMInputError(
                 f"placement must be a cam_plugin.placement.Placement, 'auto', 'bilinear' or "
                 f"None; got {placement!r}"
             )
-        if placement is not None and self.maps.dim() == 5:
-            raise CAMInputError("placed upsampling is for image maps; clips are resized plainly")
-        if placement is not None:
-            if mode == "bicubic":
-                raise CAMInputError("placed upsampling supports mode 'bilinear' or 'nearest'")
-            scaled = placement.rescaled(self.input_size, target)
-            maps = place_maps(self.maps, target, scaled, mode=mode)  # type: ignore[arg-type]
-            return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
-        ac = None if mode == "nearest" else align_corners
-        if self.maps.dim() == 5:  # a clip: (T', h, w) -> (T, H, W)
-            frames = self.frames if self.frames is not None else int(self.maps.shape[2])
-            mode3 = {"bilinear": "trilinear", "bicubic": "trilinear"}.get(mode, mode)
-            maps = F.interpolate(self.maps, size=(frames, *target), mode=mode3, align_corners=ac)
-            return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
-        maps = F.interpolate(self.maps, size=target, mode=mode, align_corners=ac)
-        return replace(self, maps=maps, stage=self._after("upsampled"), placement=None)
+        auto = placement == "auto" and mode != "bicubic" and self.maps.dim() == 4
+        found = placement if isinstance(placement, Placement) else None
+        found = self.find_placement() if auto else found
+        frames = self.frames if self.frames is not None else int(self.maps.shape[2])
+        maps, how = _resize(self.maps, self.input_size, target, mode, align_corners, found, frames)
+        return replace(
+            self,
+            maps=maps,
+            stage=self._after("upsampled"),
+            placement=None,
+            locate=None,
+            upsampled_with=how,
+            branches=self._on_branches(lambda b: b.upsample(size, mode, align_corners, placement)),
+        )
 
-    def normalize(self) -> CAMResult:
-        """Min-max scale every map to ``[0, 1]`` (constant map -> zeros)."""
-        return replace(self, maps=minmax_normalize(self.maps), stage=self._after("normalized"))
+    def normalize(self, scale: Union[MapScale, tuple[float, float], None] = None) -> CAMResult:
+        """Scale the maps to ``[0, 1]``.
+
+        Args:
+            scale: ``None`` (default): min-max per map, ``(m − min) / (max − min)`` (a
+                constant map -> zeros); each map uses its whole colour range, so two
+                images' maps cannot be compared. A :class:`MapScale` (or ``(low, high)``):
+                one fixed scale for every map, ``clamp((m − low) / (high − low), 0, 1)``
+                (:meth:`MapScale.fit` takes it from a calibration set); recorded in
+                :attr:`scale` for the pictures' colour bar.
+        """
+        fixed = _as_scale(scale) if scale is not None else None
+        maps = minmax_normalize(self.maps) if fixed is None else fixed.apply(self.maps)
+        return replace(
+            self,
+            maps=maps,
+            stage=self._after("normalized"),
+            scale=fixed,
+            branches=self._on_branches(lambda b: b.normalize(fixed)),
+        )
 
     def relu(self) -> CAMResult:
         """Clamp negative evidence to zero."""
-        return replace(self, maps=torch.relu(self.maps), stage=self._after("relu"))
+        return replace(
+            self,
+            maps=torch.relu(self.maps),
+            stage=self._after("relu"),
+            branches=self._on_branches(lambda b: b.relu()),
+        )
+
+    def _on_branches(self, op: Callable[[CAMResult], CAMResult]) -> Optional[dict[str, CAMResult]]:
+        if self.branches is None:
+            return None
+        return {name: op(branch) for name, branch in self.branches.items()}
 
     def boxes(self, threshold: float = 0.2, *, warn_above: Optional[int] = 2048) -> Tensor:
         """The paper's box per map: pixels ``>= threshold × max`` of the map, largest
@@ -266,6 +467,8 @@ class CAMResult:
             classes=self.classes[_on(rows, self.classes)],
             bias=self.bias[_on(rows, self.bias)],
             contrast=None if self.contrast is None else self.contrast[_on(rows, self.contrast)],
+            constant=None if self.constant is None else self.constant[_on(rows, self.constant)],
+            branches=self._on_branches(lambda b: b[index]),
         )
 
     def select(self, index: BatchIndex) -> CAMResult:
@@ -313,6 +516,7 @@ class CAMResult:
             "probabilities": self.probabilities.detach().cpu().numpy(),
             "bias": self.bias.detach().float().cpu().numpy(),
             **({} if self.contrast is None else {"contrast": self.contrast.cpu().numpy()}),
+            **({} if self.constant is None else {"constant": self.constant.float().cpu().numpy()}),
         }
 
     def _after(self, op: str) -> str:
@@ -323,6 +527,32 @@ class CAMResult:
             f"CAMResult(maps={tuple(self.maps.shape)}, classes={tuple(self.classes.shape)}, "
             f"input_size={self.input_size}, stage={self.stage!r}, exact={self.exact})"
         )
+
+
+def _resize(
+    maps: Tensor,
+    input_size: tuple[int, int],
+    target: tuple[int, int],
+    mode: str,
+    align_corners: Optional[bool],
+    placement: Optional[Placement],
+    frames: int,
+) -> tuple[Tensor, str]:
+    """``(maps at target, how)``: placed (:func:`place_maps`, ``how`` = the placement's
+    source) when ``placement`` is given, else plain ``F.interpolate`` (``how`` = the mode;
+    a clip ``(B, k, T', h, w)`` is resized to ``(frames, *target)``)."""
+    if placement is not None:
+        if maps.dim() == 5:
+            raise CAMInputError("placed upsampling is for image maps; clips are resized plainly")
+        if mode == "bicubic":
+            raise CAMInputError("placed upsampling supports mode 'bilinear' or 'nearest'")
+        scaled = placement.rescaled(input_size, target)
+        return place_maps(maps, target, scaled, mode=mode), placement.source  # type: ignore[arg-type]
+    ac = None if mode == "nearest" else align_corners
+    if maps.dim() == 5:  # a clip: (T', h, w) -> (T, H, W)
+        mode3 = {"bilinear": "trilinear", "bicubic": "trilinear"}.get(mode, mode)
+        return F.interpolate(maps, size=(frames, *target), mode=mode3, align_corners=ac), mode
+    return F.interpolate(maps, size=target, mode=mode, align_corners=ac), mode
 
 
 def _index_tensor(index: Any, what: str) -> Tensor:

@@ -2,7 +2,11 @@
 grid figure -- every picture the faces draw (hooks decide *when*, this module *how*).
 
 ``overlay`` blends ``(1 − α)·image + α·colormap(m̂)`` where ``m̂`` is the map resized
-(bilinear) to the image and min-max normalized to ``[0, 1]``.
+(bilinear) to the image and brought to ``[0, 1]``: min-max per map by default, or on one
+fixed :class:`~cam_plugin.result.MapScale` (``scale=``) so that the colours of several
+images mean the same logit values. ``colorbar=True`` adds a colour bar that says which:
+the map's own min and max ("min-max per map"), or the fixed scale's bounds and where they
+come from.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .errors import CAMInputError
-from .result import minmax_normalize
+from .result import MapScale, minmax_normalize
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "annotated_overlay",
     "caption",
+    "colorbar_panel",
     "draw_box",
     "enlarge",
     "grid_figure",
@@ -94,22 +99,32 @@ def overlay(
     *,
     alpha: float = 0.5,
     colormap: str = "jet",
+    scale: Optional[MapScale] = None,
+    colorbar: bool = False,
 ) -> np.ndarray:
-    """Blend a colour-mapped CAM over an image: ``(1 − α)·image + α·cmap(minmax(resize(m)))``.
+    """Blend a colour-mapped CAM over an image: ``(1 − α)·image + α·cmap(m̂)``, with
+    ``m̂ = minmax(resize(m))`` or, with a fixed ``scale``, ``m̂ = scale(resize(m))``.
 
     Args:
         image: the picture (see :func:`to_uint8_image`).
         cam_map: ``(h, w)`` map at any resolution; resized bilinearly to the image.
         alpha: weight of the heat map, in ``[0, 1]``.
         colormap: a matplotlib colormap name.
+        scale: ``None``: min-max per map (each map uses every colour); a
+            :class:`~cam_plugin.result.MapScale`: one fixed scale
+            (``clamp((m − low) / (high − low), 0, 1)``), comparable across images.
+        colorbar: append a :func:`colorbar_panel` on the right saying which (the map's own
+            min / max, or the scale's bounds and label).
 
     Returns:
-        ``(H, W, 3)`` uint8 array.
+        ``(H, W, 3)`` uint8 array (wider with ``colorbar``).
     """
     import matplotlib
 
     if not 0.0 <= alpha <= 1.0:
         raise CAMInputError(f"alpha must be in [0, 1], got {alpha}")
+    if scale is not None and not isinstance(scale, MapScale):
+        raise CAMInputError(f"scale must be a cam_plugin.MapScale or None, got {scale!r}")
     base = to_uint8_image(image)
     m = torch.as_tensor(np.asarray(cam_map) if not isinstance(cam_map, Tensor) else cam_map)
     m = m.detach().float().cpu()
@@ -117,11 +132,41 @@ def overlay(
         raise CAMInputError(f"cam_map must be 2-D (h, w), got shape {tuple(m.shape)}")
     h, w = base.shape[:2]
     m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    scaled: np.ndarray = minmax_normalize(m).numpy()
+    scaled: np.ndarray = (minmax_normalize(m) if scale is None else scale.apply(m)).numpy()
     cmap = matplotlib.colormaps[colormap]
     heat = np.asarray(cmap(scaled), dtype=np.float32)[:, :, :3] * 255.0
-    out = (1.0 - alpha) * base.astype(np.float32) + alpha * heat
-    return out.clip(0, 255).astype(np.uint8)
+    out = ((1.0 - alpha) * base.astype(np.float32) + alpha * heat).clip(0, 255).astype(np.uint8)
+    if not colorbar:
+        return out
+    if scale is None:
+        low, high, label = float(m.min()), float(m.max()), "min-max per map"
+    else:
+        low, high, label = scale.low, scale.high, f"fixed: {scale.label}"
+    return hstack([out, colorbar_panel(h, low, high, label, colormap=colormap)])
+
+
+def colorbar_panel(
+    height: int, low: float, high: float, label: str, *, colormap: str = "jet"
+) -> np.ndarray:
+    """A ``(height, W, 3)`` uint8 colour bar: the colormap from ``high`` (top) to ``low``
+    (bottom), both values written next to it, and ``label`` (what the scale is) written
+    vertically, so a picture says how its colours map to raw values."""
+    import matplotlib
+
+    height = max(int(height), 16)
+    bar_w, text_w = max(6, height // 24), 46
+    ramp = np.linspace(1.0, 0.0, height, dtype=np.float32)[:, None].repeat(bar_w, axis=1)
+    colours = np.asarray(matplotlib.colormaps[colormap](ramp), dtype=np.float32)[:, :, :3]
+    panel = Image.new("RGB", (bar_w + text_w + 12, height), (255, 255, 255))
+    panel.paste(Image.fromarray((colours * 255).astype(np.uint8)), (0, 0))
+    draw = ImageDraw.Draw(panel)
+    draw.text((bar_w + 2, 0), f"{high:.3g}", fill=(0, 0, 0))
+    draw.text((bar_w + 2, height - 11), f"{low:.3g}", fill=(0, 0, 0))
+    text = Image.new("RGB", (height, 11), (255, 255, 255))
+    plain = label.replace("–", "-").encode("latin-1", "replace").decode("latin-1")
+    ImageDraw.Draw(text).text((1, 0), plain[: max(1, height // 6 - 1)], fill=(0, 0, 0))
+    panel.paste(text.rotate(90, expand=True), (bar_w + text_w, 0))
+    return np.asarray(panel)
 
 
 def draw_box(
@@ -175,10 +220,13 @@ def annotated_overlay(
     box: Optional[Sequence[float]] = None,
     gt_boxes: Sequence[Sequence[float]] = (),
     text: Optional[str] = None,
+    scale: Optional[MapScale] = None,
+    colorbar: bool = False,
 ) -> np.ndarray:
-    """:func:`overlay`, then the ground-truth boxes (red, 1 px), the CAM's box (green,
-    1 px) and a :func:`caption`; boxes are inclusive ``(x0, y0, x1, y1)`` in the image."""
-    pic = overlay(image, cam_map, alpha=alpha, colormap=colormap)
+    """:func:`overlay` (``scale`` and ``colorbar`` as there), then the ground-truth boxes
+    (red, 1 px), the CAM's box (green, 1 px) and a :func:`caption`; boxes are inclusive
+    ``(x0, y0, x1, y1)`` in the image."""
+    pic = overlay(image, cam_map, alpha=alpha, colormap=colormap, scale=scale, colorbar=colorbar)
     for gt in gt_boxes:
         pic = draw_box(pic, gt, color=(255, 0, 0), width=1)
     if box is not None:
@@ -236,11 +284,17 @@ def grid_figure(
     alpha: float = 0.5,
     colormap: str = "jet",
     titles: Optional[Sequence[str]] = None,
+    scale: Optional[MapScale] = None,
+    colorbar: bool = False,
 ) -> Figure:
     """One row per image: the image, then an overlay per map with its class name,
     probability and (optionally) the paper's box (``threshold × max``, largest component).
 
-    ``images`` are shown at the size the model saw; the maps are upsampled to it.
+    ``images`` are shown at the size the model saw; the maps are upsampled to it
+    (``result.upsample()``: the traced placement where known). Colours: min-max per map, or
+    one fixed ``scale`` (:class:`~cam_plugin.result.MapScale`; a result normalized with one
+    keeps it in ``result.scale``) for every map; ``colorbar=True`` adds one colour bar to
+    the figure that says which.
     """
     from matplotlib.figure import Figure
 
@@ -248,7 +302,10 @@ def grid_figure(
         raise CAMInputError(
             f"{len(images)} images but the result has {result.maps.shape[0]} maps per batch"
         )
-    up = result.upsample().normalize() if result.stage == "feature" else result
+    up = result.upsample() if result.stage == "feature" else result
+    if scale is not None or result.stage == "feature":
+        up = up.normalize(scale)
+    fixed = up.scale
     box_t = up.boxes(threshold) if boxes else None
     probs = result.probabilities.detach().cpu()
     rows, k = up.maps.shape[0], up.maps.shape[1]
@@ -269,7 +326,7 @@ def grid_figure(
             m = up.maps[r, j]
             if m.shape != (h, w):
                 m = F.interpolate(m[None, None], size=(h, w), mode="bilinear")[0, 0]
-            pic = overlay(base, m, alpha=alpha, colormap=colormap)
+            pic = overlay(base, m, alpha=alpha, colormap=colormap, scale=_UNIT if fixed else None)
             if box_t is not None:
                 pic = draw_box(pic, _scale_box(box_t[r, j], up.maps.shape[-2:], (h, w)))
             ax.imshow(pic)
@@ -278,7 +335,27 @@ def grid_figure(
             )
             name = name if len(name) <= 22 else name[:21] + "…"
             ax.set_title(f"{name}\np={float(probs[r, j]):.2f}", fontsize=9)
+    if colorbar:
+        _figure_colorbar(fig, fixed, colormap)
     return fig
+
+
+#: the identity scale for maps already in [0, 1] on a fixed scale
+_UNIT = MapScale(0.0, 1.0, "already scaled")
+
+
+def _figure_colorbar(fig: Figure, fixed: Optional[MapScale], colormap: str) -> None:
+    """One colour bar for every panel of ``fig``: the fixed scale's raw bounds, or 0..1 of
+    each map's own range."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    if fixed is not None:
+        norm, label = Normalize(fixed.low, fixed.high), f"fixed scale ({fixed.label})"
+    else:
+        norm, label = Normalize(0.0, 1.0), "min-max per map (not comparable across maps)"
+    bar = ScalarMappable(norm=norm, cmap=colormap)
+    fig.colorbar(bar, ax=fig.axes, shrink=0.8, label=label)
 
 
 def _scale_box(box: Tensor, src_hw: Any, dst_hw: tuple[int, int]) -> list[float]:

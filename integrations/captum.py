@@ -177,6 +177,24 @@ def _logits_source(output: Any, batch: int, adapter: Adapter, forward_is_model: 
     return None
 
 
+def _upsample(maps: Tensor, images: Tensor, model: Optional[nn.Module], adapter: Adapter) -> Tensor:
+    """Maps at the input size, as :meth:`cam_plugin.CAMResult.upsample` does by default:
+    every feature cell on its traced receptive field where the placement can be traced
+    (:func:`cam_plugin.tracing.placement_of`, cached), else plain bilinear."""
+    from cam_plugin.placement import place_maps
+    from cam_plugin.tracing import placement_of
+
+    hw = (int(images.shape[-2]), int(images.shape[-1]))
+    found = None
+    if model is not None:
+        size, module = tuple(images.shape[1:]), adapter.feature_module
+        kind, layout = adapter.capture, adapter.layout
+        found = placement_of(model, size, module, capture=kind, layout=layout)
+    if found is not None:
+        return place_maps(maps, hw, found)
+    return F.interpolate(maps, size=hw, mode="bilinear", align_corners=False)
+
+
 class ClassActivationMap(LayerAttribution):
     """Class Activation Mapping (Zhou et al., CVPR 2016) as a Captum layer attribution.
 
@@ -426,9 +444,12 @@ class ClassActivationMap(LayerAttribution):
             attribute_to_layer_input: read the feature map from the layer's input instead of
                 its output (valid only when that is where the head's feature map is).
             relu_attributions: clamp negative evidence to zero (applied after upsampling).
-            upsample: return ``N x 1 x H x W``, bilinearly upsampled (``align_corners=False``)
-                to the input size, as :meth:`cam_plugin.CAMResult.upsample` does. Otherwise
-                use ``LayerAttribution.interpolate(attr, (H, W))``.
+            upsample: return ``N x 1 x H x W`` at the input size, as
+                :meth:`cam_plugin.CAMResult.upsample` does by default: every feature cell
+                centred on its receptive field (the placement traced once per input size on
+                a weightless copy of the model, :func:`cam_plugin.tracing.placement_of`),
+                plain bilinear (``align_corners=False``) where it cannot be traced. For plain
+                bilinear use ``LayerAttribution.interpolate(attr, (H, W))``.
 
         Returns:
             ``N x 1 x h x w`` (or ``N x 1 x H x W``) float tensor, without autograd history;
@@ -461,7 +482,7 @@ class ClassActivationMap(LayerAttribution):
             )
             maps = step.maps
             if upsample:
-                maps = F.interpolate(maps, size=hw, mode="bilinear", align_corners=False)
+                maps = _upsample(maps, images, self.model, adapter)
             if relu_attributions:
                 maps = torch.relu(maps)
         # Captum's convention: a tuple of inputs gives a tuple of attributions

@@ -127,7 +127,7 @@ def test_feature_placement_and_upsample_option() -> None:
     model = torchvision.models.resnet18().eval()
     p = feature_placement(model, (3, 64, 64), cp.resolve(model))
     assert p.stride == (32.0, 32.0) and p.offset == (0.0, 0.0) and p.source == "traced"
-    with cp.CAM(model) as cam:
+    with cp.CAM(model, placement="bilinear") as cam:  # a result that knows no placement
         res = cam(images(2, 64), topk=2)
     placed = res.upsample(placement=p)
     assert placed.maps.shape == (2, 2, 64, 64) and placed.stage == "upsampled"
@@ -164,7 +164,7 @@ def test_cam_attaches_the_placement_when_asked() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18().eval()
     x = images(2, 64)
-    with cp.CAM(model) as cam:
+    with cp.CAM(model, placement="bilinear") as cam:
         plain = cam(x)
     assert plain.placement is None
     with cp.CAM(model, placement=True) as cam:

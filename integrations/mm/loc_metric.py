@@ -23,6 +23,7 @@ from cam_plugin.probing import rng_guard
 
 from .common import reject_unknown
 from .geometry import cam_maps_to_image, inclusive_boxes
+from .sample_maps import placed_maps
 from .samples import (
     BOX_KEYS,
     as_array,
@@ -204,7 +205,7 @@ class CAMLocalizationMetric(BaseMetric):
         img_shape = get_field(sample, "img_shape")
         out_shape = get_field(sample, "ori_shape") if self.box_frame == "ori" else None
         m = cam_maps_to_image(
-            maps[int(where[0]) : int(where[0]) + 1].detach().cpu(),
+            placed_maps(cam, maps[int(where[0]) : int(where[0]) + 1].detach().cpu()),
             get_field(cam, "input_shape"),
             img_shape,
             out_shape,

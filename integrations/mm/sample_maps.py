@@ -5,14 +5,18 @@ model returns its predicted data samples, :func:`attach_cam_maps` runs the core 
 (:meth:`cam_plugin.Adapter.maps_from_capture`: features, logits ``S = W' mean_xy f + b'``,
 maps ``M_c = Σ_k W'_ck f_k``) for the classes :func:`select_classes` picks, after checking
 that the fold reproduces the model's own scores (:func:`scores_match`), and writes the
-result into every sample (the contract is in :mod:`.samples`).
+result into every sample (the contract is in :mod:`.samples`). When the hook knows where the
+feature cells sit on the batch tensor (the traced placement,
+:func:`cam_plugin.tracing.placement_of`), it is added to the ``cam_maps`` metainfo as
+``placement``, and :func:`placed_maps` upsamples with it (every cell centred on its
+receptive field) before the maps are brought to an image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from mmengine.structures import BaseDataElement
@@ -20,14 +24,16 @@ from torch import Tensor
 
 from cam_plugin.adapter import Adapter
 from cam_plugin.heads import REPRODUCE_RTOL, FoldedHead, logits_error
+from cam_plugin.placement import Placement, place_maps
 
 from .common import autocast_active, no_autocast
-from .samples import gt_classes, set_cam_maps
+from .samples import CAM_MAPS, get_field, gt_classes, set_cam_maps
 
 __all__ = [
     "LOW_PRECISION_RTOL",
     "Selection",
     "attach_cam_maps",
+    "placed_maps",
     "scores_match",
     "select_classes",
     "stack_scores",
@@ -126,8 +132,11 @@ def attach_cam_maps(
     *,
     topk: int,
     target: str,
+    placement: Optional[Placement] = None,
 ) -> tuple[Optional[str], bool]:
-    """Compute the maps of one predicted batch and write them into its samples.
+    """Compute the maps of one predicted batch and write them into its samples (with
+    ``placement``, where the feature cells sit on the batch tensor, in each ``cam_maps``'s
+    metainfo).
 
     Runs :meth:`Adapter.maps_from_capture` (fp32, autocast off, no autograd) with the
     classes of :func:`select_classes` (ranked by the model's ``pred_score`` when every
@@ -173,4 +182,18 @@ def attach_cam_maps(
             num_targets=chosen.counts[i],
             target=target,
         )
+        if placement is not None:
+            sample.get(CAM_MAPS).set_metainfo(dict(placement=placement))
     return None, chosen.missing_gt
+
+
+def placed_maps(cam: Any, maps: Tensor) -> Tensor:
+    """``maps`` ``(n, h, w)`` of a sample's ``cam_maps`` upsampled to its ``input_shape`` with
+    every cell centred on its receptive field (:func:`cam_plugin.placement.place_maps` with
+    the ``placement`` of its metainfo), float32; unchanged when it has none (the geometry
+    then upsamples bilinearly)."""
+    placement = get_field(cam, "placement")
+    shape = get_field(cam, "input_shape")
+    if not isinstance(placement, Placement) or shape is None:
+        return maps
+    return place_maps(maps.float(), (int(shape[0]), int(shape[1])), placement)

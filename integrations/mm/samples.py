@@ -16,7 +16,10 @@ no model, so the maps travel in the predictions:
   resolution, ``classes`` ``(n,)``, ``scores`` ``(n,)`` (logits recomputed from the
   features); metainfo ``input_shape`` (``(H, W)`` of the batch tensor the network saw,
   padding included), ``num_targets`` (the first ``num_targets`` maps are the hook's targets,
-  the ground-truth classes not among them follow) and ``target`` (``"pred"`` / ``"gt"``).
+  the ground-truth classes not among them follow), ``target`` (``"pred"`` / ``"gt"``) and,
+  when the geometry could be traced, ``placement`` (a
+  :class:`~cam_plugin.placement.Placement`: where every feature cell sits on the batch
+  tensor; the pictures and the metric upsample with it).
 * Without maps (:func:`set_no_maps`: the hook is disabled for this model, or this batch
   could not be mapped): no data fields, metainfo ``reason`` saying why.
 * A sample without ``cam_maps`` went through no active hook: the metric then says to add

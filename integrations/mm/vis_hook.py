@@ -30,13 +30,15 @@ from cam_plugin.errors import CAMInputError
 from cam_plugin.heads import FoldedHead
 from cam_plugin.hooks import FeatureCapture
 from cam_plugin.localize import threshold_boxes
+from cam_plugin.placement import Placement
 from cam_plugin.registry import resolve
+from cam_plugin.tracing import placement_of
 from cam_plugin.viz import annotated_overlay, to_uint8_image
 
 from .common import WarnOnce, check_colormap, check_fraction, check_int, reject_unknown, unwrap
 from .geometry import boxes_to_frame, cam_maps_to_image
 from .loc_metric import CAMLocalizationMetric
-from .sample_maps import attach_cam_maps
+from .sample_maps import attach_cam_maps, placed_maps
 from .samples import find_boxes, has_cam_maps, mark_all
 
 __all__ = ["CAMVisualizationHook", "sample_pictures"]
@@ -69,6 +71,24 @@ def _input_hw(args: Any, kwargs: Mapping[str, Any]) -> Optional[tuple[int, int]]
     if not isinstance(inputs, Tensor) or inputs.dim() < 3:
         return None
     return int(inputs.shape[-2]), int(inputs.shape[-1])
+
+
+def _batch_placement(
+    ref: Optional[weakref.ref[nn.Module]],
+    adapter: Optional[Adapter],
+    args: Any,
+    kwargs: Mapping[str, Any],
+) -> Optional[Placement]:
+    """Where the feature cells sit on this forward's batch tensor: traced once per input size
+    on a weightless copy of the model (:func:`cam_plugin.tracing.placement_of`; the model
+    does not run, no hook fires), ``None`` where it cannot be traced."""
+    model = ref() if ref is not None else None
+    inputs = kwargs.get("inputs", args[0] if args else None)
+    if model is None or adapter is None or not isinstance(inputs, Tensor):
+        return None
+    size = tuple(int(v) for v in inputs.shape[1:])
+    kind, layout = adapter.capture, adapter.layout
+    return placement_of(model, size, adapter.feature_module, capture=kind, layout=layout)
 
 
 def _model_hooks(
@@ -316,6 +336,7 @@ class CAMVisualizationHook(Hook):
                 hw,
                 topk=self.topk,
                 target=self.target,
+                placement=_batch_placement(self._model_ref, self._adapter, args, kwargs),
             )
         except Exception as err:  # never crash the user's run
             problem, missing_gt = f"computing the maps failed ({type(err).__name__}: {err})", False
@@ -398,13 +419,14 @@ def sample_pictures(
 ) -> list[np.ndarray]:
     """One :func:`~cam_plugin.viz.annotated_overlay` per target map of ``sample`` (the
     first ``num_targets`` of its ``cam_maps``) at the size of ``picture``: the map brought
-    to the image (:func:`~.geometry.cam_maps_to_image`), with the paper's box at
+    to the image (placed by :func:`~.sample_maps.placed_maps` where the hook traced the
+    placement, then :func:`~.geometry.cam_maps_to_image`), with the paper's box at
     ``threshold`` and the ground-truth boxes when ``draw_boxes``, captioned with the class
     name and the model's score."""
     h, w = picture.shape[:2]
     img_shape = sample.metainfo.get("img_shape") or (h, w)
     k = int(cam.metainfo.get("num_targets", len(cam.classes)))
-    maps = cam_maps_to_image(cam.maps[:k], cam.input_shape, img_shape, (h, w))
+    maps = cam_maps_to_image(placed_maps(cam, cam.maps[:k]), cam.input_shape, img_shape, (h, w))
     boxes = threshold_boxes(maps, threshold).cpu() if draw_boxes else None
     gt_boxes, _ = find_boxes(sample) if draw_boxes else (None, None)
     frame_gt = boxes_to_frame(gt_boxes, img_shape, (h, w)) if gt_boxes is not None else []

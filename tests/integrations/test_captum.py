@@ -27,6 +27,8 @@ from torch import nn  # noqa: E402
 
 import cam_plugin as cp  # noqa: E402
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError  # noqa: E402
+from cam_plugin.placement import place_maps  # noqa: E402
+from cam_plugin.tracing import feature_placement  # noqa: E402
 
 NUM_CLASSES = 10
 
@@ -188,7 +190,9 @@ def test_contract_and_upsampling(resnet: nn.Module, resnet_cam: ClassActivationM
     low = cam.attribute(x, target=1)
     up = cam.attribute(x, target=1, upsample=True)
     assert up.shape == (2, 1, 96, 96)
-    torch.testing.assert_close(up, F.interpolate(low, (96, 96), mode="bilinear"))
+    # upsample=True places every cell on its traced receptive field (as CAMResult.upsample)
+    placed = place_maps(low, (96, 96), feature_placement(resnet, (3, 96, 96), cam.adapter))
+    torch.testing.assert_close(up, placed)
     near = LayerAttribution.interpolate(low, (96, 96))
     assert near.shape == (2, 1, 96, 96)
     up_relu = cam.attribute(x, target=1, upsample=True, relu_attributions=True)
