@@ -63,6 +63,7 @@ __all__ = [
     "resolve",
     "threshold_boxes",
     "topk_boxes",
+    "paper_top5_boxes",
 ]
 
 
@@ -71,6 +72,7 @@ _LAZY = {
     "threshold_boxes": "localize",
     "contour_boxes": "localize",
     "topk_boxes": "localize",
+    "paper_top5_boxes": "localize",
     "masks": "localize",
     "WSOLMetrics": "metrics",
     "evaluate_wsol": "metrics",

@@ -1,18 +1,23 @@
 """From class activation maps to boxes and masks.
 
-Two rules live here, side by side (see ``docs/localization.md``):
+Two rules live side by side (see ``docs/localization.md``):
 
 * The paper's rule (Zhou et al., CVPR 2016, Sec. 3), :func:`threshold_boxes`: keep the pixels
   whose value is at least ``threshold * max`` of their map, take the largest 8-connected
-  component (counted in pixels) and return its tight box. Pure torch, batched, runs on the
-  maps' device.
+  component (counted in pixels) and return its tight box. Batched over every leading dim;
+  the components come from OpenCV on the CPU and from torch on other devices
+  (:func:`largest_component_boxes`, one function for both, the same boxes).
 * The evaluation rule of Choe et al., CVPR 2020 ("Evaluating Weakly Supervised Object
   Localization Methods Right"), :func:`contour_boxes`: quantize the map to ``uint8``,
   binarize strictly above ``int(threshold * max)``, find contours with OpenCV and box the
-  largest contour (or every contour). This is what :mod:`cam_plugin.metrics` uses so that
-  MaxBoxAcc / MaxBoxAccV2 numbers are comparable with published ones; its steps are public
-  so the metrics share them: :func:`as_numpy_maps` (the maps' contract), :func:`quantize_maps`
-  (step 1) and :func:`contour_sweep` (steps 2-6 for a whole threshold sweep of one map).
+  largest contour (or every contour). It lives in :mod:`cam_plugin.wsol_contours` and is
+  re-exported here with its public steps (:func:`as_numpy_maps`, :func:`quantize_maps`,
+  :func:`contour_sweep`), which :mod:`cam_plugin.metrics` shares.
+
+On top of the paper's rule: :func:`topk_boxes` (one box for each of the ``k`` best classes,
+the paper's top-5 localization) and :func:`paper_top5_boxes` (the paper's Sec. 3.2
+heuristic: a tight and a loose box for each of the top-1 and top-2 classes, a loose box for
+the top-3 class).
 
 Box convention (both rules): ``(x0, y0, x1, y1)`` in *inclusive* pixel coordinates, int64;
 ``x`` indexes columns (width), ``y`` rows (height). A box ``(2, 3, 2, 3)`` covers one pixel.
@@ -25,36 +30,54 @@ maximum*.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple, Union
+import warnings
+from typing import Literal, NamedTuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import CAMInputError
+from .wsol_contours import (
+    ContourBoxes,
+    ContourSweep,
+    as_numpy_maps,
+    contour_boxes,
+    contour_sweep,
+    quantize_maps,
+)
 
 __all__ = [
+    "PAPER_TOP5_LAYOUT",
+    "SECONDS_PER_PIXEL",
     "ContourBoxes",
     "ContourSweep",
     "TopKBoxes",
     "as_numpy_maps",
+    "box_cost_warning",
     "contour_boxes",
     "contour_sweep",
     "label_components",
+    "largest_component_boxes",
     "masks",
+    "paper_top5_boxes",
     "quantize_maps",
     "threshold_boxes",
     "topk_boxes",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
+Backend = Literal["auto", "opencv", "torch"]
+
+#: pixels per OpenCV call when many masks are labelled at once (the label image is int32)
+_PIXELS_PER_CALL = 1 << 22
 
 
 # --------------------------------------------------------------------------- validation
 
 
 def _check_tensor_maps(maps: object, name: str = "maps") -> Tensor:
+    """Type, dims, size and dtype of ``maps``; NaN is checked where the maximum is taken."""
     if isinstance(maps, np.ndarray):
         raise TypeError(
             f"{name} must be a torch.Tensor, got a numpy array; wrap it with "
@@ -72,11 +95,6 @@ def _check_tensor_maps(maps: object, name: str = "maps") -> Tensor:
         raise TypeError(
             f"{name} must be a floating point tensor, got dtype {maps.dtype}; "
             f"convert with {name}.float()."
-        )
-    if maps.is_floating_point() and bool(torch.isnan(maps).any()):
-        raise CAMInputError(
-            f"{name} contains NaN values; check the model output (a NaN logit or a 0/0 "
-            "normalization of a constant map) before localizing."
         )
     return maps
 
@@ -96,77 +114,10 @@ def _check_threshold(threshold: object, name: str = "threshold") -> float:
     return value
 
 
-def as_numpy_maps(maps: object, name: str = "maps") -> np.ndarray:
-    """Maps (tensor or array ``(..., H, W)``) as a float64 numpy array, validated.
-
-    The input contract of the evaluation rule (:func:`contour_boxes`) and of
-    :mod:`cam_plugin.metrics`: a float (or bool) tensor / array with at least two dims, a
-    non-empty spatial size, no NaN, and every value in ``[0, 1]`` (min-max normalized).
-    A tensor is detached and copied to the CPU.
-
-    Args:
-        maps: ``torch.Tensor`` or ``np.ndarray`` ``(..., H, W)``.
-        name: how the argument is called in error messages.
-
-    Returns:
-        float64 array of the same shape.
-
-    Raises:
-        TypeError: not a tensor / array, or an integer array.
-        CAMInputError: fewer than two dims, an empty spatial size, NaN, values outside
-            ``[0, 1]``.
-    """
-    if isinstance(maps, Tensor):
-        arr = maps.detach().to("cpu", torch.float64).numpy()
-    elif isinstance(maps, np.ndarray):
-        if not (np.issubdtype(maps.dtype, np.floating) or maps.dtype == np.bool_):
-            raise TypeError(
-                f"{name} must hold floats in [0, 1], got dtype {maps.dtype}; divide integer "
-                "maps by their maximum first."
-            )
-        arr = maps.astype(np.float64)
-    else:
-        raise TypeError(
-            f"{name} must be a torch.Tensor or numpy array of shape (..., H, W), got "
-            f"{type(maps)!r}."
-        )
-    if arr.ndim < 2:
-        raise CAMInputError(f"{name} must have at least 2 dims (..., H, W); got shape {arr.shape}.")
-    if arr.shape[-1] == 0 or arr.shape[-2] == 0:
-        raise CAMInputError(f"{name} has an empty spatial size {arr.shape[-2:]}.")
-    if np.isnan(arr).any():
-        raise CAMInputError(f"{name} contains NaN values; fix the maps before localizing.")
-    if arr.size and (arr.min() < 0.0 or arr.max() > 1.0):
-        raise CAMInputError(
-            f"{name} must lie in [0, 1] (min-max normalize each map first, e.g. "
-            f"CAMResult.normalize() or cam_plugin.minmax_normalize); got "
-            f"min={arr.min():.4g}, max={arr.max():.4g}."
-        )
-    return arr
-
-
-def _check_thresholds(thresholds: object) -> np.ndarray:
-    if isinstance(thresholds, Tensor):
-        thresholds = thresholds.detach().cpu().numpy()
-    if isinstance(thresholds, (int, float, np.floating)) and not isinstance(thresholds, bool):
-        thresholds = [float(thresholds)]
-    try:
-        arr = np.asarray(thresholds, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(
-            "thresholds must be a float or a 1-D sequence of floats in [0, 1], e.g. "
-            "np.arange(0, 1, 0.01)."
-        ) from exc
-    if arr.ndim != 1 or arr.size == 0:
-        raise CAMInputError(
-            f"thresholds must be a non-empty 1-D sequence of floats, got shape {arr.shape}."
-        )
-    if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
-        raise CAMInputError(
-            "thresholds must be finite fractions of each map's maximum in [0, 1]; got "
-            f"min={arr.min()}, max={arr.max()}."
-        )
-    return arr
+def _check_backend(backend: object) -> str:
+    if backend not in ("auto", "opencv", "torch"):
+        raise CAMInputError(f"backend must be 'auto', 'opencv' or 'torch', got {backend!r}.")
+    return str(backend)
 
 
 # --------------------------------------------------------------------------- paper's rule
@@ -184,13 +135,23 @@ def masks(maps: Tensor, threshold: float = 0.2) -> Tensor:
 
     Returns:
         Bool tensor of the same shape as ``maps``.
+
+    Raises:
+        CAMInputError: a map holds NaN (found through its maximum, which NaN propagates to).
     """
     maps = _check_tensor_maps(maps)
     thr = _check_threshold(threshold)
     if maps.dtype == torch.bool:
         maps = maps.to(torch.float32)
     peak = maps.amax(dim=(-2, -1), keepdim=True)
-    return (maps >= thr * peak) & (peak > 0)
+    if peak.numel() and bool(torch.isnan(peak).any()):
+        raise CAMInputError(
+            "maps contains NaN values; check the model output (a NaN logit or a 0/0 "
+            "normalization of a constant map) before localizing."
+        )
+    # ``m >= thr * peak`` where the peak is positive; an infinite cut keeps nothing elsewhere.
+    cut = torch.where(peak > 0, peak * thr, torch.full_like(peak, float("inf")))
+    return maps >= cut
 
 
 def _neighbourhood_max(labels: Tensor) -> Tensor:
@@ -255,8 +216,9 @@ def label_components(mask: Tensor) -> Tensor:
     return labels.view(mask.shape)
 
 
-def _largest_component_boxes(mask: Tensor) -> Tensor:
-    """Box of the largest 8-connected component of each mask ``(N, H, W)`` -> ``(N, 4)``."""
+def _torch_largest_boxes(mask: Tensor) -> Tensor:
+    """Box of the largest 8-connected component of each mask ``(N, H, W)`` -> ``(N, 4)``,
+    labelled in torch on the mask's device (:func:`label_components`)."""
     n, h, w = mask.shape
     hw = h * w
     labels = label_components(mask).view(n, hw)
@@ -281,33 +243,131 @@ def _largest_component_boxes(mask: Tensor) -> Tensor:
     return torch.where(has.view(n, 1), boxes, torch.zeros_like(boxes))
 
 
-def threshold_boxes(maps: Tensor, threshold: float = 0.2) -> Tensor:
+def _opencv_largest_boxes(mask: Tensor) -> Tensor:
+    """Box of the largest 8-connected component of each CPU mask ``(N, H, W)`` -> ``(N, 4)``.
+
+    The masks are stacked into one tall image with a background row after each, so one
+    ``cv2.connectedComponentsWithStats`` call labels a whole chunk (no component crosses a
+    background row). Each component's map is ``top // (H + 1)``; per map the largest area
+    wins, ties going to the lower label (OpenCV numbers components in raster order of their
+    first pixel, as :func:`label_components` ranks them).
+    """
+    import cv2
+
+    n, h, w = mask.shape
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    per_call = max(1, _PIXELS_PER_CALL // ((h + 1) * w))
+    src = mask.numpy()
+    for start in range(0, n, per_call):
+        part = src[start : start + per_call]
+        k = part.shape[0]
+        tall = np.zeros((k, h + 1, w), dtype=np.uint8)
+        tall[:, :h] = part
+        count, _, stats, _ = cv2.connectedComponentsWithStats(
+            tall.reshape(k * (h + 1), w), connectivity=8, ltype=cv2.CV_32S
+        )
+        if count <= 1:
+            continue
+        st = stats[1:].astype(np.int64)
+        which = st[:, cv2.CC_STAT_TOP] // (h + 1)
+        order = np.lexsort((np.arange(len(st)), -st[:, cv2.CC_STAT_AREA], which))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = which[order[1:]] != which[order[:-1]]
+        best = st[order[first]]
+        rows = which[order[first]]
+        x0 = best[:, cv2.CC_STAT_LEFT]
+        y0 = best[:, cv2.CC_STAT_TOP] - rows * (h + 1)
+        boxes[start + rows] = np.stack(
+            [x0, y0, x0 + best[:, cv2.CC_STAT_WIDTH] - 1, y0 + best[:, cv2.CC_STAT_HEIGHT] - 1],
+            axis=1,
+        )
+    return torch.from_numpy(boxes)
+
+
+def largest_component_boxes(mask: Tensor, backend: Backend = "auto") -> Tensor:
+    """Tight box of the largest 8-connected component of each mask, batched.
+
+    The largest component has the most pixels; ties go to the component met first in a
+    row-major scan. A mask without any pixel gives ``(0, 0, 0, 0)``.
+
+    Args:
+        mask: bool tensor ``(..., H, W)``.
+        backend: ``"opencv"`` (``cv2.connectedComponentsWithStats`` on the CPU, masks
+            stacked into few calls), ``"torch"`` (:func:`label_components`, on the mask's
+            device), or ``"auto"``: OpenCV for CPU masks, torch elsewhere (CUDA). Both give
+            the same boxes (tested).
+
+    Returns:
+        int64 ``(..., 4)`` inclusive ``(x0, y0, x1, y1)`` on the mask's device.
+    """
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() < 2:
+        raise TypeError("mask must be a bool torch.Tensor of shape (..., H, W).")
+    use = _check_backend(backend)
+    if use == "auto":
+        use = "opencv" if mask.device.type == "cpu" else "torch"
+    lead = mask.shape[:-2]
+    h, w = mask.shape[-2:]
+    flat = mask.reshape(-1, h, w)
+    if flat.shape[0] == 0:
+        return torch.zeros((*lead, 4), dtype=torch.int64, device=mask.device)
+    if use == "opencv":
+        boxes = _opencv_largest_boxes(flat.cpu().contiguous()).to(mask.device)
+    else:
+        boxes = _torch_largest_boxes(flat)
+    return boxes.reshape(*lead, 4)
+
+
+#: seconds per pixel to box one map on one CPU core, for cost estimates: about 1 ms per
+#: 224 x 224 map (``benchmarks/boxes.py`` measures 0.4-0.5 ms on CAM maps; maps with many
+#: components take longer)
+SECONDS_PER_PIXEL = 1e-3 / (224 * 224)
+
+
+def box_cost_warning(maps: Tensor, warn_above: int | None, stacklevel: int = 3) -> None:
+    """Warn (``UserWarning``) with the estimated time when boxing more than
+    ``warn_above`` maps ``(..., H, W)``: ``n * H * W * SECONDS_PER_PIXEL`` on one CPU core.
+    ``None`` never warns."""
+    if warn_above is None or maps.dim() < 2:
+        return
+    n = int(np.prod(maps.shape[:-2], dtype=np.int64))
+    if n <= warn_above:
+        return
+    h, w = maps.shape[-2:]
+    seconds = n * h * w * SECONDS_PER_PIXEL
+    warnings.warn(
+        f"boxing {n} maps of {h}x{w} (more than warn_above={warn_above}) takes about "
+        f"{seconds:.1f} s on one CPU core. Box only the classes you need (CAM(...)(x, topk=5) "
+        "or targets=labels), or box the feature-resolution maps and scale the boxes by the "
+        "input stride; pass warn_above=None to silence this.",
+        UserWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def threshold_boxes(maps: Tensor, threshold: float = 0.2, backend: Backend = "auto") -> Tensor:
     """The paper's localization rule (Zhou et al., CVPR 2016, Sec. 3), batched.
 
-    For each map ``m``: keep ``{(x, y) : m(x, y) >= threshold * max m}``, take its largest
-    8-connected component (by pixel count; ties go to the component met first in a
-    row-major scan, as ``cv2.connectedComponentsWithStats`` numbers them) and return that
-    component's tight box ``(x0, y0, x1, y1)``, inclusive. A map whose maximum is ``<= 0``
-    (an all-zero map) gives ``(0, 0, 0, 0)``.
+    For each map ``m``: keep ``{(x, y) : m(x, y) >= threshold * max m}`` (:func:`masks`),
+    take its largest 8-connected component (by pixel count; ties go to the component met
+    first in a row-major scan, as ``cv2.connectedComponentsWithStats`` numbers them) and
+    return that component's tight box ``(x0, y0, x1, y1)``, inclusive. A map whose maximum
+    is ``<= 0`` (an all-zero map) gives ``(0, 0, 0, 0)``.
 
-    Vectorised over every leading dim (connected components are labelled in torch, see
-    :func:`label_components`); runs on the maps' device.
+    Vectorised over every leading dim: the masks are built in one torch pass on the maps'
+    device and labelled by :func:`largest_component_boxes` (OpenCV on the CPU, torch on
+    CUDA by default).
 
     Args:
         maps: float tensor ``(..., H, W)``, e.g. ``(B, H, W)`` or ``(B, k, H, W)``; normally
             min-max normalized, the threshold is a fraction of each map's own maximum.
         threshold: fraction in ``[0, 1]``; the paper uses 0.2.
+        backend: ``"auto"``, ``"opencv"`` or ``"torch"`` (see
+            :func:`largest_component_boxes`).
 
     Returns:
         int64 tensor ``(..., 4)`` on the maps' device.
     """
-    keep = masks(maps, threshold)
-    lead = keep.shape[:-2]
-    h, w = keep.shape[-2:]
-    flat = keep.reshape(-1, h, w)
-    if flat.shape[0] == 0:
-        return torch.zeros((*lead, 4), dtype=torch.int64, device=keep.device)
-    return _largest_component_boxes(flat).reshape(*lead, 4)
+    return largest_component_boxes(masks(maps, threshold), backend)
 
 
 class TopKBoxes(NamedTuple):
@@ -324,31 +384,10 @@ class TopKBoxes(NamedTuple):
     scores: Tensor
 
 
-def topk_boxes(
-    maps: Tensor,
-    scores: Tensor,
-    k: int = 5,
-    threshold: float = 0.2,
-    classes: Tensor | None = None,
-) -> TopKBoxes:
-    """The paper's top-k heuristic: one box for each of the ``k`` best-scoring classes.
-
-    Zhou et al. box the maps of the top-5 predicted classes of each image (top-5
-    localization: an image counts as correct when one of those classes is the label and its
-    box has IoU >= 0.5 with a ground-truth box). Each box comes from :func:`threshold_boxes`.
-
-    Args:
-        maps: float tensor ``(B, C, H, W)``: one map per candidate class, ``C >= k`` (all
-            classes, or the top classes already chosen by ``CAM(..., topk=...)``).
-        scores: ``(B, C)``: the score (logit or probability) of each map's class.
-        k: how many classes to keep per image, ``1 <= k <= C``.
-        threshold: fraction of each map's maximum, as in :func:`threshold_boxes`.
-        classes: optional int ``(B, C)`` class id of each map; by default map ``c`` is
-            class ``c``.
-
-    Returns:
-        :class:`TopKBoxes` with ``boxes (B, k, 4)``, ``classes (B, k)``, ``scores (B, k)``.
-    """
+def _ranked_maps(
+    maps: Tensor, scores: Tensor, k: int, classes: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The maps, class ids and scores of the ``k`` best classes of each image, best first."""
     maps = _check_tensor_maps(maps)
     if maps.dim() != 4:
         raise CAMInputError(
@@ -376,180 +415,90 @@ def topk_boxes(
         class_ids = classes.to(device=maps.device, dtype=torch.int64)
     top_scores, order = scores.to(maps.device).topk(k, dim=1)
     picked = maps.gather(1, order.view(b, k, 1, 1).expand(b, k, *maps.shape[-2:]))
-    return TopKBoxes(
-        boxes=threshold_boxes(picked, threshold),
-        classes=class_ids.gather(1, order).to(torch.int64),
-        scores=top_scores,
+    return picked, class_ids.gather(1, order).to(torch.int64), top_scores
+
+
+def topk_boxes(
+    maps: Tensor,
+    scores: Tensor,
+    k: int = 5,
+    threshold: float = 0.2,
+    classes: Tensor | None = None,
+) -> TopKBoxes:
+    """The paper's top-k rule: one box for each of the ``k`` best-scoring classes.
+
+    Zhou et al. box the maps of the top-5 predicted classes of each image (top-5
+    localization: an image counts as correct when one of those classes is the label and its
+    box has IoU >= 0.5 with a ground-truth box). Each box comes from :func:`threshold_boxes`.
+
+    Args:
+        maps: float tensor ``(B, C, H, W)``: one map per candidate class, ``C >= k`` (all
+            classes, or the top classes already chosen by ``CAM(..., topk=...)``).
+        scores: ``(B, C)``: the score (logit or probability) of each map's class.
+        k: how many classes to keep per image, ``1 <= k <= C``.
+        threshold: fraction of each map's maximum, as in :func:`threshold_boxes`.
+        classes: optional int ``(B, C)`` class id of each map; by default map ``c`` is
+            class ``c``.
+
+    Returns:
+        :class:`TopKBoxes` with ``boxes (B, k, 4)``, ``classes (B, k)``, ``scores (B, k)``.
+    """
+    picked, class_ids, top_scores = _ranked_maps(maps, scores, k, classes)
+    return TopKBoxes(boxes=threshold_boxes(picked, threshold), classes=class_ids, scores=top_scores)
+
+
+#: which of the three best classes each of the heuristic's five boxes belongs to, and
+#: whether it is the tight (True) or the loose (False) box
+PAPER_TOP5_LAYOUT = ((0, True), (0, False), (1, True), (1, False), (2, False))
+
+
+def paper_top5_boxes(
+    maps: Tensor,
+    scores: Tensor,
+    tight: float = 0.2,
+    loose: float = 0.1,
+    classes: Tensor | None = None,
+) -> TopKBoxes:
+    """The paper's five-box heuristic for top-5 localization (Zhou et al., Sec. 3.2).
+
+    "We select two bounding boxes (one tight and one loose) from the class activation map of
+    the top 1st and 2nd predicted classes and one loose bounding box from the top 3rd
+    predicted class." Each box is the paper's rule (:func:`threshold_boxes`): the tight box
+    at ``tight`` (the paper's 20% of the max) and the loose box at the lower ``loose``
+    (the paper does not give its value; 0.1 by default). The five (class, box) pairs, in
+    order (:data:`PAPER_TOP5_LAYOUT`):
+
+    ``(c1, tight(c1)), (c1, loose(c1)), (c2, tight(c2)), (c2, loose(c2)), (c3, loose(c3))``
+
+    An image is right under top-5 localization when one pair has the label's class and a box
+    with IoU >= 0.5 with a ground-truth box (:class:`cam_plugin.metrics.WSOLMetrics` counts
+    it from the label map alone, as ``Top-5 Loc@heuristic``).
+
+    Args:
+        maps: float ``(B, C, H, W)``, one map per candidate class, ``C >= 3``.
+        scores: ``(B, C)`` the score of each map's class (ranks the classes).
+        tight: the tight box's threshold, a fraction of each map's maximum.
+        loose: the loose box's threshold, ``<= tight``.
+        classes: optional int ``(B, C)`` class id of each map (default: map ``c`` is class
+            ``c``).
+
+    Returns:
+        :class:`TopKBoxes` with ``boxes (B, 5, 4)``, ``classes (B, 5)`` (``c1, c1, c2, c2,
+        c3``) and ``scores (B, 5)`` (each box's class score).
+    """
+    t = _check_threshold(tight, "tight")
+    lo = _check_threshold(loose, "loose")
+    if lo > t:
+        raise CAMInputError(
+            f"the loose threshold ({lo}) must not exceed the tight one ({t}): a lower threshold "
+            "keeps more pixels and gives the looser box."
+        )
+    picked, class_ids, top_scores = _ranked_maps(maps, scores, 3, classes)
+    tight_boxes = threshold_boxes(picked[:, :2], t)
+    loose_boxes = threshold_boxes(picked, lo)
+    rank = [r for r, _ in PAPER_TOP5_LAYOUT]
+    boxes = torch.stack(
+        [tight_boxes[:, r] if is_tight else loose_boxes[:, r] for r, is_tight in PAPER_TOP5_LAYOUT],
+        dim=1,
     )
-
-
-# --------------------------------------------------------------------------- Choe et al.
-
-
-class ContourBoxes(NamedTuple):
-    """Boxes of one map at every threshold of a sweep (Choe et al.'s contour rule).
-
-    Attributes:
-        boxes: int64 ``(n_total, 4)``, inclusive ``(x0, y0, x1, y1)``: the boxes of all
-            thresholds concatenated in threshold order.
-        counts: int64 ``(T,)``: ``counts[t]`` boxes belong to ``thresholds[t]``; always
-            ``>= 1`` because an empty threshold contributes the box ``(0, 0, 0, 0)``.
-    """
-
-    boxes: np.ndarray
-    counts: np.ndarray
-
-    def per_threshold(self) -> list[np.ndarray]:
-        """The boxes split per threshold: a list of ``T`` arrays ``(counts[t], 4)``."""
-        return list(np.split(self.boxes, np.cumsum(self.counts)[:-1]))
-
-
-class ContourSweep(NamedTuple):
-    """Every contour box of one quantized map at every threshold of a sweep.
-
-    Attributes:
-        boxes: int64 ``(n_total, 4)``, inclusive ``(x0, y0, x1, y1)``: the boxes of every
-            contour of all thresholds, concatenated in threshold order.
-        counts: int64 ``(T,)``: ``counts[t]`` boxes belong to threshold ``t`` (``>= 1``: a
-            threshold without contours contributes the box ``(0, 0, 0, 0)``).
-        largest: int64 ``(T,)``: the row in ``boxes`` of each threshold's largest contour
-            (the first one of maximal area), so ``boxes[largest]`` is MaxBoxAcc's box per
-            threshold.
-    """
-
-    boxes: np.ndarray
-    counts: np.ndarray
-    largest: np.ndarray
-
-
-def contour_sweep(image: np.ndarray, thresholds: np.ndarray) -> ContourSweep:
-    """Every contour box of one ``uint8`` map at every threshold (Choe et al.'s steps 2-6
-    of :func:`contour_boxes`, for a map already quantized by :func:`quantize_maps`).
-
-    At threshold ``t`` the binary image is ``image > int(t * max(image))``; its contours
-    (``cv2.findContours``, ``RETR_TREE``, ``CHAIN_APPROX_SIMPLE``) are boxed and the largest
-    is marked. This is the per-map step :mod:`cam_plugin.metrics` runs once per image for
-    the whole sweep, reading both the largest-contour (MaxBoxAcc) and every-contour
-    (MaxBoxAccV2) boxes off one result.
-
-    Args:
-        image: ``uint8`` array ``(H, W)`` (made C-contiguous here if it is not).
-        thresholds: ``(T,)`` fractions of the map's maximum in ``[0, 1]``, e.g.
-            :func:`cam_plugin.metrics.cam_thresholds`.
-
-    Returns:
-        :class:`ContourSweep` ``(boxes, counts, largest)``.
-
-    Boxes and areas are computed from the contour points at once for the whole sweep. For a
-    point set ``cv2.boundingRect`` is ``(min x, min y, max x - min x + 1, ...)``, so Choe et
-    al.'s box ``(x, y, x + w, y + h)`` is ``(min x, min y, max x + 1, max y + 1)``, clipped
-    to ``(W - 1, H - 1)``. ``cv2.contourArea`` is the shoelace formula
-    ``|sum_i (x_i y_{i+1} - x_{i+1} y_i)| / 2`` over the closed polygon; twice it is computed
-    here in exact integers. The first contour of maximal area is the largest (as ``max``).
-    """
-    import cv2
-
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
-        raise TypeError(
-            "contour_sweep needs one uint8 (H, W) map; quantize float maps in [0, 1] with "
-            "quantize_maps(maps) first."
-        )
-    image = np.ascontiguousarray(image)
-    thresholds = _check_thresholds(thresholds)
-    height, width = image.shape
-    peak = int(image.max())
-    found: list[np.ndarray] = []
-    counts = np.zeros(len(thresholds), dtype=np.int64)
-    for t, thr in enumerate(thresholds):
-        _, binary = cv2.threshold(image, int(float(thr) * peak), 255, cv2.THRESH_BINARY)
-        # OpenCV 3 returns (image, contours, hierarchy), OpenCV >= 4 (contours, hierarchy).
-        contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
-        counts[t] = len(contours)
-        found.extend(contours)
-    if found:
-        lengths = np.fromiter((len(c) for c in found), dtype=np.int64, count=len(found))
-        pts = np.concatenate(found).reshape(-1, 2).astype(np.int64)
-        ends = np.cumsum(lengths)
-        first = ends - lengths
-        x, y = pts[:, 0], pts[:, 1]
-        boxes = np.stack(
-            [
-                np.minimum.reduceat(x, first),
-                np.minimum.reduceat(y, first),
-                np.minimum(np.maximum.reduceat(x, first) + 1, width - 1),
-                np.minimum(np.maximum.reduceat(y, first) + 1, height - 1),
-            ],
-            axis=1,
-        )
-        following = np.arange(1, len(pts) + 1)
-        following[ends - 1] = first  # close each polygon
-        area = np.abs(np.add.reduceat(x * y[following] - x[following] * y, first))
-    else:
-        boxes = np.zeros((0, 4), dtype=np.int64)
-        area = np.zeros(0, dtype=np.int64)
-    empty = counts == 0
-    if empty.any():
-        at = (np.cumsum(counts) - counts)[empty]
-        boxes = np.insert(boxes, at, 0, axis=0)
-        area = np.insert(area, at, 0)
-        counts[empty] = 1
-    starts = np.cumsum(counts) - counts
-    is_max = area == np.repeat(np.maximum.reduceat(area, starts), counts)
-    largest = np.minimum.reduceat(np.where(is_max, np.arange(len(area)), len(area)), starts)
-    return ContourSweep(boxes=boxes, counts=counts, largest=largest)
-
-
-def quantize_maps(maps: np.ndarray) -> np.ndarray:
-    """Choe et al.'s quantization ``q = uint8(m * 255)`` (truncation), computed in float64.
-
-    Args:
-        maps: float array of any shape with values in ``[0, 1]`` (see :func:`as_numpy_maps`).
-
-    Returns:
-        ``uint8`` array of the same shape.
-    """
-    return (np.asarray(maps, dtype=np.float64) * 255).astype(np.uint8)
-
-
-def contour_boxes(
-    maps: ArrayLike,
-    thresholds: float | Sequence[float] | np.ndarray | Tensor,
-    multi_contour: bool = False,
-) -> list[ContourBoxes]:
-    """Boxes by Choe et al.'s contour rule (``compute_bboxes_from_scoremaps``), per threshold.
-
-    For each map ``m`` (values in ``[0, 1]``) and threshold ``t``:
-
-    1. ``q = uint8(m * 255)`` (truncation, computed in float64),
-    2. binary image ``q > int(t * max q)`` (strictly above; ``cv2.THRESH_BINARY``),
-    3. ``cv2.findContours(..., RETR_TREE, CHAIN_APPROX_SIMPLE)`` (holes give contours too),
-    4. the contour with the largest ``cv2.contourArea`` (the first one on ties), or every
-       contour when ``multi_contour=True``,
-    5. ``x, y, w, h = cv2.boundingRect(c)`` and the box ``(x, y, min(x + w, W - 1),
-       min(y + h, H - 1))``. Note the quirk kept for comparability: ``x + w`` is one past
-       the contour's last column, so boxes are one pixel wider and taller than the contour
-       (clipped to the image).
-    6. No contour at all gives the single box ``(0, 0, 0, 0)``.
-
-    Args:
-        maps: tensor or array ``(..., H, W)`` with values in ``[0, 1]``; leading dims are
-            flattened in row-major order.
-        thresholds: one float or a sweep, e.g. ``np.arange(0, 1, 0.01)``.
-        multi_contour: box every contour (MaxBoxAccV2) instead of the largest (MaxBoxAcc).
-
-    Returns:
-        One :class:`ContourBoxes` per map (``len == prod(leading dims)``, 1 for a single
-        ``(H, W)`` map): ``boxes (n_total, 4)`` int64 with ``counts (T,)`` per threshold.
-    """
-    arr = as_numpy_maps(maps)
-    thr = _check_thresholds(thresholds)
-    h, w = arr.shape[-2:]
-    quantized = quantize_maps(arr.reshape(-1, h, w))
-    out: list[ContourBoxes] = []
-    for image in quantized:
-        boxes, counts, largest = contour_sweep(image, thr)
-        if multi_contour:
-            out.append(ContourBoxes(boxes=boxes, counts=counts))
-        else:
-            out.append(ContourBoxes(boxes=boxes[largest], counts=np.ones_like(counts)))
-    return out
+    return TopKBoxes(boxes=boxes, classes=class_ids[:, rank], scores=top_scores[:, rank])

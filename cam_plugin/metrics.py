@@ -17,15 +17,20 @@ Localization Methods Right", and their reference code (``clovaai/wsolevaluation`
 On top of those, the classic numbers: ``GT-known Loc`` (box correct at IoU 0.5, class
 ignored) and ``Top-1 Loc`` (box correct *and* top-1 class correct), both at the threshold
 ``t*`` that maximizes ``BoxAcc(t, 0.5)`` on the evaluated set (so ``GT-known Loc ==
-MaxBoxAcc``) and at a fixed threshold (the paper's 20% by default).
+MaxBoxAcc``) and at a fixed threshold (the paper's 20% by default); with the top-5
+predictions, Zhou et al.'s ``Top-5 Loc`` (the label among the top 5 and its box correct) and
+``Top-5 error``, with the paper's one box per class and with its Sec. 3.2 heuristic (a tight
+and a loose box for the top-1 and top-2 classes, a loose box for the top-3 class;
+:func:`cam_plugin.localize.paper_top5_boxes`).
 
 Maps given to the metrics are the maps of the *ground-truth* class (for Top-1 Loc the box of
 the predicted class equals that box exactly when the prediction is right), already at image
 resolution and min-max normalized to ``[0, 1]``.
 
-Where the parts live: the maps' contract and the contour sweep are
-:func:`cam_plugin.localize.as_numpy_maps`, :func:`~cam_plugin.localize.quantize_maps` and
-:func:`~cam_plugin.localize.contour_sweep`; the checks of boxes, masks, class ids and sample
+Where the parts live: the maps' contract and the contour sweeps are
+:mod:`cam_plugin.wsol_contours` (:func:`~cam_plugin.wsol_contours.contour_values`,
+:func:`~cam_plugin.wsol_contours.contour_sweeps`); PxAP's histograms are
+:mod:`cam_plugin.wsol_pxap` (re-exported here); the checks of boxes, masks, class ids and sample
 ids are :mod:`cam_plugin.wsol_inputs`; the per-sample records (deduplicated by sample id, the
 same rule for batches and merged states) are :class:`cam_plugin.wsol_records.RecordStore`.
 Wrong types raise ``TypeError``; wrong shapes or values raise
@@ -36,23 +41,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import CAMInputError
-from .localize import as_numpy_maps, contour_sweep, quantize_maps, threshold_boxes
+from .localize import threshold_boxes
+from .wsol_contours import contour_sweeps, contour_values
 from .wsol_inputs import (
-    check_boxes,
     check_class_ids,
     check_fixed_threshold,
     check_gt_boxes,
     check_iou_levels,
     check_masks,
     check_sample_ids,
+    check_top5_classes,
 )
+from .wsol_iou import best_iou_per_threshold, box_iou, pairwise_iou
+from .wsol_pxap import average_precision_from_histograms, mask_histograms
 from .wsol_records import RecordStore
 
 __all__ = [
@@ -63,6 +71,7 @@ __all__ = [
     "cam_thresholds",
     "evaluate_wsol",
     "mask_histograms",
+    "top5_localization",
 ]
 
 ArrayLike = Union[Tensor, np.ndarray]
@@ -85,142 +94,11 @@ def cam_thresholds(cam_curve_interval: float = 0.01) -> np.ndarray:
     return np.arange(0, 1, float(cam_curve_interval))
 
 
-# --------------------------------------------------------------------------- boxes
-
-
-def box_iou(boxes_a: BoxesLike, boxes_b: BoxesLike) -> np.ndarray:
-    """Pairwise IoU of inclusive-coordinate boxes (Choe et al.'s ``calculate_multiple_iou``).
-
-    ``area(b) = (x1 - x0 + 1) * (y1 - y0 + 1)``, intersection
-    ``max(0, min(x1) - max(x0) + 1) * max(0, min(y1) - max(y0) + 1)``,
-    ``IoU = inter / (area_a + area_b - inter)`` (0 where the denominator is ``<= 0``).
-
-    Args:
-        boxes_a: ``(n, 4)`` or ``(4,)`` boxes ``(x0, y0, x1, y1)``.
-        boxes_b: ``(m, 4)`` or ``(4,)`` boxes.
-
-    Returns:
-        float64 array ``(n, m)``.
-    """
-    a = check_boxes(boxes_a, "boxes_a", allow_empty=True)
-    b = check_boxes(boxes_b, "boxes_b", allow_empty=True)
-    return _box_iou(a, b)
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    ax0, ay0, ax1, ay1 = (a[:, i : i + 1] for i in range(4))
-    bx0, by0, bx1, by1 = (b[None, :, i] for i in range(4))
-    inter_w = np.maximum(0, np.minimum(ax1, bx1) - np.maximum(ax0, bx0) + 1)
-    inter_h = np.maximum(0, np.minimum(ay1, by1) - np.maximum(ay0, by0) + 1)
-    inter = inter_w * inter_h
-    area_a = (ax1 - ax0 + 1) * (ay1 - ay0 + 1)
-    area_b = (bx1 - bx0 + 1) * (by1 - by0 + 1)
-    denominator = area_a + area_b - inter
-    safe = np.where(denominator > 0, denominator, 1)
-    return np.where(denominator > 0, inter / safe, 0.0).astype(np.float64)
-
-
-def best_iou_per_threshold(
-    boxes: np.ndarray, counts: np.ndarray, gt_boxes: BoxesLike
-) -> np.ndarray:
-    """Best IoU at each threshold between that threshold's boxes and any ground-truth box.
-
-    ``best[t] = max_{p in boxes of t, g in gt} IoU(p, g)``, the quantity Choe et al. compare
-    to the IoU level.
-
-    Args:
-        boxes: ``(n_total, 4)`` boxes of all thresholds (``ContourBoxes.boxes``).
-        counts: ``(T,)`` boxes per threshold (``ContourBoxes.counts``, all ``>= 1``).
-        gt_boxes: ``(m, 4)`` ground-truth boxes, ``m >= 1``.
-
-    Returns:
-        float64 ``(T,)``.
-    """
-    gt = check_boxes(gt_boxes, "gt_boxes")
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.ndim != 1 or (counts < 1).any() or counts.sum() != len(boxes):
-        raise CAMInputError("counts must be (T,) positive ints summing to len(boxes).")
-    ious = _box_iou(np.asarray(boxes, dtype=np.int64), gt).max(axis=1)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    return np.maximum.reduceat(ious, starts)
-
-
-# --------------------------------------------------------------------------- PxAP
-
-
-def _histogram_edges(thresholds: np.ndarray) -> np.ndarray:
-    # Bins [0, bw), ..., [1 - bw, 1), [1, 2), [2, 3] as Choe et al.'s MaskEvaluator.
-    return np.append(thresholds, [1.0, 2.0, 3.0])
-
-
-def mask_histograms(
-    maps: ArrayLike, gt_masks: ArrayLike, thresholds: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image histograms of map values on object and background pixels.
-
-    Bins are ``[t_0, t_1), ..., [t_{T-1}, 1), [1, 2), [2, 3]`` (``np.histogram`` on the
-    sweep plus ``1, 2, 3``). Pixels marked 255 (ignore) are left out.
-
-    Args:
-        maps: ``(B, H, W)`` values in ``[0, 1]``.
-        gt_masks: ``(B, H, W)`` bool, or ints with 0 / 1 / 255 = background / object / ignore.
-        thresholds: the sweep, ``(T,)``.
-
-    Returns:
-        ``(hist_object, hist_background)``, two int64 arrays ``(B, T + 2)``.
-    """
-    arr = as_numpy_maps(maps)
-    if arr.ndim != 3:
-        raise CAMInputError(f"maps must be (B, H, W); got shape {arr.shape}.")
-    m = check_masks(gt_masks, arr.shape)
-    edges = _histogram_edges(np.asarray(thresholds, dtype=np.float64))
-    nbins = len(edges) - 1
-    b = arr.shape[0]
-    # Left-closed bins as np.histogram (values are <= 1 < last edge, so no closing needed).
-    bins = np.searchsorted(edges, arr.reshape(b, -1), side="right") - 1
-    bins = np.clip(bins, 0, nbins - 1) + (np.arange(b) * nbins)[:, None]
-    flat_m = m.reshape(b, -1)
-    size = b * nbins
-    hist_true = np.bincount(bins[flat_m == 1], minlength=size).reshape(b, nbins)
-    hist_false = np.bincount(bins[flat_m == 0], minlength=size).reshape(b, nbins)
-    return hist_true.astype(np.int64), hist_false.astype(np.int64)
-
-
-def average_precision_from_histograms(
-    hist_object: np.ndarray, hist_background: np.ndarray
-) -> float:
-    """PxAP (percent) from summed histograms, as Choe et al.'s ``MaskEvaluator.compute``.
-
-    Sweeping the threshold from high to low: ``TP = cumsum(hist_object reversed)``,
-    ``FP = cumsum(hist_background reversed)``, ``FN = #object - TP``; precision
-    ``P = TP / (TP + FP)``, recall ``R = TP / #object``, and
-    ``PxAP = 100 * sum_i P_i (R_i - R_{i-1})`` over the points where ``TP + FP > 0``.
-
-    Raises:
-        ValueError: no object pixel at all, or no pixel at all.
-    """
-    hist_t = np.asarray(hist_object, dtype=np.float64)
-    hist_f = np.asarray(hist_background, dtype=np.float64)
-    num_true = hist_t.sum()
-    tp = hist_t[::-1].cumsum()
-    fn = num_true - tp
-    fp = hist_f[::-1].cumsum()
-    if ((tp + fn) <= 0).all():
-        raise CAMInputError("PxAP needs object pixels: every ground-truth mask is empty.")
-    if ((tp + fp) <= 0).all():
-        raise CAMInputError("PxAP needs pixels: no map value was counted.")
-    non_zero = (tp + fp) != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = tp / (tp + fp)
-        recall = tp / (tp + fn)
-    return float((precision[1:] * np.diff(recall))[non_zero[1:]].sum() * 100)
-
-
 # --------------------------------------------------------------------------- accumulator
 
 
 def _sweep_hits(
-    quantized: np.ndarray,
+    values: np.ndarray,
     gt: np.ndarray,
     thresholds: np.ndarray,
     levels: np.ndarray,
@@ -233,46 +111,114 @@ def _sweep_hits(
     and for every contour (MaxBoxAccV2; the largest again when ``multi_contour`` is off).
 
     Args:
-        quantized: the image's ``uint8`` map (:func:`~cam_plugin.localize.quantize_maps`).
+        values: the image's map ``(H, W)``, float in ``[0, 1]``
+            (:func:`~cam_plugin.wsol_contours.contour_values`) or already quantized ``uint8``.
         gt: its ground-truth boxes ``(n, 4)``.
         thresholds: the sweep ``(T,)``.
         levels: IoU levels as fractions ``(L,)``.
         multi_contour: box every contour for the second result.
     """
-    found, counts, largest = contour_sweep(quantized, thresholds)
+    found, counts, largest = contour_sweeps(values[None], thresholds)
     best_v1 = best_iou_per_threshold(found[largest], np.ones(len(thresholds), np.int64), gt)
     best_v2 = best_iou_per_threshold(found, counts, gt) if multi_contour else best_v1
     return best_v1[None, :] >= levels[:, None], best_v2[None, :] >= levels[:, None]
 
 
 def _fixed_ious(
-    arr: np.ndarray,
+    values: np.ndarray,
     maps: ArrayLike,
     boxes: list[np.ndarray],
     rows: list[int],
-    quantized: np.ndarray,
-    threshold: float,
+    thresholds: tuple[float, ...],
     rule: str,
 ) -> np.ndarray:
-    """IoU of each image's box at the fixed threshold with its best ground-truth box.
+    """IoU of each image's box at each fixed threshold with its best ground-truth box,
+    ``(len(rows), len(thresholds))``.
 
     ``rule="paper"``: :func:`~cam_plugin.localize.threshold_boxes` on the maps (a tensor
-    stays on its device); ``"contour"``: the largest contour at that threshold.
-    ``quantized`` holds the ``uint8`` maps of ``rows``, in that order.
+    stays on its device; an array is compared in float64, as it always was); ``"contour"``:
+    the largest contour at that threshold. ``values`` are the maps as
+    :func:`~cam_plugin.wsol_contours.contour_values` returns them.
     """
+    n_t = len(thresholds)
     if rule == "paper":
-        src = maps if isinstance(maps, Tensor) else torch.from_numpy(arr)
-        pred = threshold_boxes(src[rows], threshold).cpu().numpy()
-        pred = pred.astype(np.int64).reshape(len(rows), 1, 4)
+        src = maps if isinstance(maps, Tensor) else torch.from_numpy(values.astype(np.float64))
+        picked = src[rows]
+        pred = torch.stack([threshold_boxes(picked, t) for t in thresholds], dim=1)
+        pred_np = pred.cpu().numpy().astype(np.int64).reshape(len(rows), n_t, 4)
     else:
-        thr = np.asarray([threshold])
-        pred = np.empty((len(rows), 1, 4), dtype=np.int64)
-        for j in range(len(rows)):
-            found, _, largest = contour_sweep(quantized[j], thr)
-            pred[j, 0] = found[largest[0]]
+        sweep = contour_sweeps(values[rows], np.asarray(thresholds, dtype=np.float64))
+        pred_np = sweep.boxes[sweep.largest].reshape(len(rows), n_t, 4)
     return np.array(
-        [_box_iou(pred[j], boxes[i]).max() for j, i in enumerate(rows)], dtype=np.float64
-    )
+        [pairwise_iou(pred_np[j], boxes[i]).max(axis=1) for j, i in enumerate(rows)],
+        dtype=np.float64,
+    ).reshape(len(rows), n_t)
+
+
+def _label_ranks(labels: np.ndarray, top5: np.ndarray) -> np.ndarray:
+    """Rank (1..5) of each label among its image's top-5 predictions, 0 when absent."""
+    match = top5 == labels[:, None]
+    return np.where(match.any(axis=1), match.argmax(axis=1) + 1, 0).astype(np.int8)
+
+
+class _Batch(NamedTuple):
+    """One checked ``update`` batch: maps as :func:`contour_values` returns them, ground
+    truth, and per image whether the top-1 class was right and the label's top-5 rank."""
+
+    values: np.ndarray
+    boxes: list[np.ndarray] | None
+    masks: np.ndarray | None
+    correct: np.ndarray | None
+    ranks: np.ndarray | None
+
+
+def _check_batch(
+    maps: ArrayLike,
+    gt_boxes: BoxesLike | None,
+    labels: ArrayLike | Sequence[int] | None,
+    pred_classes: ArrayLike | Sequence[int] | None,
+    top5_classes: ArrayLike | None,
+    gt_masks: ArrayLike | None,
+) -> _Batch:
+    """Every argument of :meth:`WSOLMetrics.update` checked before anything is recorded."""
+    values = contour_values(maps)
+    if values.ndim != 3:
+        hint = " (squeeze the class dim: maps[:, 0])" if values.ndim == 4 else ""
+        raise CAMInputError(
+            f"maps must be (B, H, W), one normalized map per image; got shape {values.shape}{hint}."
+        )
+    b, h, w = values.shape
+    if gt_boxes is None and gt_masks is None:
+        raise CAMInputError("update needs gt_boxes (box metrics) and/or gt_masks (PxAP).")
+    boxes = check_gt_boxes(gt_boxes, b, h, w) if gt_boxes is not None else None
+    top5 = check_top5_classes(top5_classes, b) if top5_classes is not None else None
+    if pred_classes is None and top5 is not None:
+        pred_classes = top5[:, 0]
+    if (labels is None) != (pred_classes is None):
+        raise CAMInputError(
+            "Top-1 Loc needs both labels and pred_classes (or neither for GT-known only); "
+            "Top-5 Loc needs labels and top5_classes."
+        )
+    correct = ranks = None
+    if labels is not None and pred_classes is not None:
+        lab = check_class_ids(labels, "labels", b)
+        correct = (lab == check_class_ids(pred_classes, "pred_classes", b)).astype(np.int8)
+        ranks = _label_ranks(lab, top5) if top5 is not None else None
+    if correct is not None and boxes is None:
+        raise CAMInputError("labels/pred_classes are used with gt_boxes (Top-1 / Top-5 Loc).")
+    masks = check_masks(gt_masks, values.shape) if gt_masks is not None else None
+    return _Batch(values, boxes, masks, correct, ranks)
+
+
+def _known(column: np.ndarray, what: str) -> bool:
+    """Whether every sample has ``column`` (``>= 0``); some but not all is an error."""
+    known = column >= 0
+    if known.any() and not known.all():
+        raise CAMInputError(
+            f"{what} were given for {int(known.sum())} of {len(known)} samples; give them "
+            "for every batch or for none."
+        )
+    return bool(known.all())
 
 
 class WSOLMetrics:
@@ -280,10 +226,11 @@ class WSOLMetrics:
 
     Per sample it keeps a small record keyed by its sample id: for box metrics whether the
     box is correct at every (IoU level, threshold) pair, largest contour (MaxBoxAcc) and all
-    contours (MaxBoxAccV2), the IoU at the fixed threshold and whether the class was right;
-    for PxAP the two histograms of its map values. A sample id that was already recorded is
-    skipped (the first record wins), so the repeats a distributed sampler pads with are
-    counted once. Without ``sample_ids`` every row is a new sample. The records live in two
+    contours (MaxBoxAccV2), the IoU at the fixed and at the loose threshold, whether the
+    class was right and the label's rank among the top-5 predictions; for PxAP the two
+    histograms of its map values. A sample id that was already recorded is skipped (the
+    first record wins), so the repeats a distributed sampler pads with are counted once.
+    Without ``sample_ids`` every row is a new sample. The records live in two
     :class:`~cam_plugin.wsol_records.RecordStore` objects (boxes, masks).
 
     Across processes: ``state()`` on every rank, gather the states, then
@@ -293,13 +240,16 @@ class WSOLMetrics:
         cam_curve_interval: step of the threshold sweep ``np.arange(0, 1, step)``.
         iou_thresholds: IoU levels in percent for MaxBoxAccV2 (Choe et al.: 30, 50, 70).
         fixed_threshold: threshold for the ``@fixed`` numbers, a fraction of each map's max
-            (default 0.2, the paper's 20%).
+            (default 0.2, the paper's 20%); also the tight box of the Top-5 heuristic.
         fixed_rule: ``"paper"`` boxes the fixed threshold with
             :func:`~cam_plugin.localize.threshold_boxes` (``>= t * max``, largest 8-connected
             component, tight box), as Zhou et al.; ``"contour"`` uses Choe et al.'s contour
-            rule at that threshold (the sweep's rule).
+            rule at that threshold (the sweep's rule). The loose box follows the same rule.
         multi_contour_for_v2: MaxBoxAccV2 boxes every contour (True, Choe et al.'s
             definition) or only the largest.
+        loose_threshold: the loose box's threshold in the paper's Top-5 heuristic
+            (:func:`~cam_plugin.localize.paper_top5_boxes`), ``<= fixed_threshold``;
+            ``None`` (default) is half the fixed threshold (0.1 for the paper's 0.2).
     """
 
     def __init__(
@@ -309,6 +259,7 @@ class WSOLMetrics:
         fixed_threshold: float = 0.2,
         fixed_rule: Literal["paper", "contour"] = "paper",
         multi_contour_for_v2: bool = True,
+        loose_threshold: float | None = None,
     ) -> None:
         self.thresholds = cam_thresholds(cam_curve_interval)
         self.cam_curve_interval = float(cam_curve_interval)
@@ -319,6 +270,13 @@ class WSOLMetrics:
             raise CAMInputError(f"fixed_rule must be 'paper' or 'contour', got {fixed_rule!r}.")
         self.fixed_rule = fixed_rule
         self.multi_contour_for_v2 = bool(multi_contour_for_v2)
+        loose = self.fixed_threshold / 2 if loose_threshold is None else loose_threshold
+        self.loose_threshold = check_fixed_threshold(loose)
+        if self.loose_threshold > self.fixed_threshold:
+            raise CAMInputError(
+                f"loose_threshold ({self.loose_threshold}) must not exceed fixed_threshold "
+                f"({self.fixed_threshold}): the loose box comes from the lower threshold."
+            )
         self._uid = uuid.uuid4().hex
         self.reset()
 
@@ -334,7 +292,9 @@ class WSOLMetrics:
                 "box_hits_v1": ((n_l, n_t), bool),
                 "box_hits_v2": ((n_l, n_t), bool),
                 "box_iou_fixed": ((), np.float64),
+                "box_iou_loose": ((), np.float64),
                 "box_correct": ((), np.int8),
+                "label_rank": ((), np.int8),
             },
         )
         self._masks = RecordStore(
@@ -349,6 +309,7 @@ class WSOLMetrics:
             "fixed_threshold": self.fixed_threshold,
             "fixed_rule": self.fixed_rule,
             "multi_contour_for_v2": self.multi_contour_for_v2,
+            "loose_threshold": self.loose_threshold,
         }
 
     @property
@@ -380,6 +341,7 @@ class WSOLMetrics:
         pred_classes: ArrayLike | Sequence[int] | None = None,
         gt_masks: ArrayLike | None = None,
         sample_ids: Sequence[Hashable] | ArrayLike | None = None,
+        top5_classes: ArrayLike | None = None,
     ) -> None:
         """Record a batch.
 
@@ -389,83 +351,61 @@ class WSOLMetrics:
             gt_boxes: ground-truth boxes, inclusive ``(x0, y0, x1, y1)``: a list of ``B``
                 arrays/tensors ``(n_i, 4)`` (``n_i >= 1``), or one ``(B, 4)`` / ``(B, n, 4)``
                 array/tensor. ``None`` records no box metrics (PxAP only).
-            labels: ``(B,)`` ground-truth classes (with ``pred_classes``: Top-1 Loc).
-            pred_classes: ``(B,)`` predicted top-1 classes, e.g. ``logits.argmax(1)``.
+            labels: ``(B,)`` ground-truth classes (with ``pred_classes``: Top-1 Loc; with
+                ``top5_classes``: Top-1 and Top-5 Loc).
+            pred_classes: ``(B,)`` predicted top-1 classes, e.g. ``logits.argmax(1)``
+                (default: the first column of ``top5_classes``).
             gt_masks: ``(B, H, W)`` bool masks, or ints 0 / 1 / 255 (background / object /
                 ignore) for PxAP.
             sample_ids: ``B`` hashable ids (e.g. dataset indices); repeats are skipped.
+            top5_classes: ``(B, 5)`` the five best predicted classes, best first, e.g.
+                ``logits.topk(5).indices``: Top-5 Loc and Top-5 error.
 
         Raises:
             TypeError: an argument of the wrong type.
             CAMInputError: a wrong shape or value (see :mod:`cam_plugin.wsol_inputs`);
                 nothing is recorded then.
         """
-        arr = as_numpy_maps(maps)
-        if arr.ndim != 3:
-            hint = " (squeeze the class dim: maps[:, 0])" if arr.ndim == 4 else ""
-            raise CAMInputError(
-                f"maps must be (B, H, W), one normalized map per image; got shape {arr.shape}"
-                f"{hint}."
-            )
-        b, h, w = arr.shape
-        if gt_boxes is None and gt_masks is None:
-            raise CAMInputError("update needs gt_boxes (box metrics) and/or gt_masks (PxAP).")
-        boxes = check_gt_boxes(gt_boxes, b, h, w) if gt_boxes is not None else None
-        if (labels is None) != (pred_classes is None):
-            raise CAMInputError(
-                "Top-1 Loc needs both labels and pred_classes (or neither for GT-known only)."
-            )
-        correct: np.ndarray | None = None
-        if labels is not None and pred_classes is not None:
-            lab = check_class_ids(labels, "labels", b)
-            pred = check_class_ids(pred_classes, "pred_classes", b)
-            correct = (lab == pred).astype(np.int8)
-        if correct is not None and boxes is None:
-            raise CAMInputError("labels/pred_classes are used with gt_boxes (Top-1 Loc).")
-        masks = check_masks(gt_masks, arr.shape) if gt_masks is not None else None
-        ids = self._sample_ids(sample_ids, b)
-        if boxes is not None:
-            gt = boxes
-            self._boxes.record(ids, lambda rows: self._box_records(arr, maps, gt, correct, rows))
+        batch = _check_batch(maps, gt_boxes, labels, pred_classes, top5_classes, gt_masks)
+        ids = self._sample_ids(sample_ids, batch.values.shape[0])
+        if batch.boxes is not None:
+            self._boxes.record(ids, lambda rows: self._box_records(batch, maps, rows))
+        masks = batch.masks
         if masks is not None:
-            m = masks
             self._masks.record(
                 ids,
                 lambda rows: dict(
                     zip(
                         ("hist_true", "hist_false"),
-                        mask_histograms(arr[rows], m[rows], self.thresholds),
+                        mask_histograms(batch.values[rows], masks[rows], self.thresholds),
                     )
                 ),
             )
 
-    def _box_records(
-        self,
-        arr: np.ndarray,
-        maps: ArrayLike,
-        boxes: list[np.ndarray],
-        correct: np.ndarray | None,
-        rows: list[int],
-    ) -> dict[str, np.ndarray]:
+    def _box_records(self, batch: _Batch, maps: ArrayLike, rows: list[int]) -> dict[str, Any]:
         """The box columns of the images ``rows``: hits per (IoU level, threshold) with the
-        largest contour (v1) and every contour (v2), the IoU at the fixed threshold, and
-        whether the class was right (``-1``: not given)."""
+        largest contour (v1) and every contour (v2), the IoU at the fixed and the loose
+        threshold, whether the class was right and the label's top-5 rank (``-1``: not
+        given)."""
+        boxes = batch.boxes
+        assert boxes is not None
         levels = np.asarray(self._levels, dtype=np.float64) / 100
-        quantized = quantize_maps(arr[rows])
         hits = [
-            _sweep_hits(quantized[j], boxes[i], self.thresholds, levels, self.multi_contour_for_v2)
-            for j, i in enumerate(rows)
+            _sweep_hits(
+                batch.values[j], boxes[j], self.thresholds, levels, self.multi_contour_for_v2
+            )
+            for j in rows
         ]
-        fixed = _fixed_ious(
-            arr, maps, boxes, rows, quantized, self.fixed_threshold, self.fixed_rule
-        )
+        thresholds = (self.fixed_threshold, self.loose_threshold)
+        ious = _fixed_ious(batch.values, maps, boxes, rows, thresholds, self.fixed_rule)
+        unknown = np.full(len(rows), -1, dtype=np.int8)
         return {
             "box_hits_v1": np.stack([v1 for v1, _ in hits]),
             "box_hits_v2": np.stack([v2 for _, v2 in hits]),
-            "box_iou_fixed": fixed,
-            "box_correct": (
-                np.full(len(rows), -1, dtype=np.int8) if correct is None else correct[rows]
-            ),
+            "box_iou_fixed": ious[:, 0],
+            "box_iou_loose": ious[:, 1],
+            "box_correct": unknown if batch.correct is None else batch.correct[rows],
+            "label_rank": unknown if batch.ranks is None else batch.ranks[rows],
         }
 
     # ------------------------------------------------------------------ distributed
@@ -512,8 +452,10 @@ class WSOLMetrics:
         Keys (box records): ``MaxBoxAcc``, ``MaxBoxAccV2``, ``MaxBoxAccV2@d`` per IoU level,
         ``GT-known Loc`` (at ``best_threshold``, equal to MaxBoxAcc), ``GT-known Loc@fixed``,
         ``best_threshold`` (the lowest threshold maximizing BoxAcc at IoU 0.5); with labels and
-        predictions also ``Top-1 Loc``, ``Top-1 Loc@fixed`` and ``Top-1 Cls``. Mask records:
-        ``PxAP``.
+        predictions also ``Top-1 Loc``, ``Top-1 Loc@fixed`` and ``Top-1 Cls``; with the top-5
+        predictions ``Top-5 Loc``, ``Top-5 Loc@fixed``, ``Top-5 Loc@heuristic``,
+        ``Top-5 error``, ``Top-5 error@heuristic`` and ``Top-5 Cls`` (see
+        :func:`top5_localization`). Mask records: ``PxAP``.
         """
         if not len(self._boxes) and not len(self._masks):
             raise CAMInputError("nothing to compute: call update(...) with at least one batch.")
@@ -529,14 +471,14 @@ class WSOLMetrics:
 
     def _box_metrics(self) -> dict[str, float]:
         """The box keys of :meth:`compute` from the box records."""
-        hits_v1 = self._boxes.column("box_hits_v1")
-        hits_v2 = self._boxes.column("box_hits_v2")
+        col = self._boxes.column
+        hits_v1, hits_v2 = col("box_hits_v1"), col("box_hits_v2")
         i50 = self._levels.index(50)
         acc_v1 = hits_v1[:, i50].mean(axis=0) * 100
         best = int(np.argmax(acc_v1))
         acc_v2 = hits_v2.mean(axis=0) * 100
         per_level = {d: float(acc_v2[self._levels.index(d)].max()) for d in self.iou_thresholds}
-        ok_fixed = self._boxes.column("box_iou_fixed") >= 0.5
+        ok_fixed = col("box_iou_fixed") >= 0.5
         out: dict[str, float] = {
             "MaxBoxAcc": float(acc_v1.max()),
             "MaxBoxAccV2": float(np.mean(list(per_level.values()))),
@@ -546,19 +488,56 @@ class WSOLMetrics:
         out["GT-known Loc"] = float(acc_v1[best])
         out["GT-known Loc@fixed"] = float(ok_fixed.mean() * 100)
         out["best_threshold"] = float(self.thresholds[best])
-        correct = self._boxes.column("box_correct")
-        known = correct >= 0
-        if known.all():
+        correct = col("box_correct")
+        if _known(correct, "labels/pred_classes"):
             right = correct == 1
             out["Top-1 Loc"] = float((hits_v1[:, i50, best] & right).mean() * 100)
             out["Top-1 Loc@fixed"] = float((ok_fixed & right).mean() * 100)
             out["Top-1 Cls"] = float(right.mean() * 100)
-        elif known.any():
-            raise CAMInputError(
-                f"labels/pred_classes were given for {int(known.sum())} of {len(known)} "
-                "samples; give them for every batch or for none."
+        ranks = col("label_rank")
+        if _known(ranks, "top5_classes"):
+            out.update(
+                top5_localization(
+                    ranks, hits_v1[:, i50, best], col("box_iou_fixed"), col("box_iou_loose")
+                )
             )
         return out
+
+
+def top5_localization(
+    ranks: np.ndarray, hit_best: np.ndarray, iou_fixed: np.ndarray, iou_loose: np.ndarray
+) -> dict[str, float]:
+    """Top-5 numbers (percent) from per-sample records of the label's map.
+
+    The box of the label's class is the label map's box, so each rule needs only the
+    label's rank ``r`` among the top-5 predictions (``0``: not among them) and the IoU of
+    the label map's boxes with the ground truth:
+
+    * ``Top-5 Cls``: ``r >= 1``;
+    * ``Top-5 Loc``: ``r >= 1`` and the largest contour at the best threshold is right
+      (the rule of ``Top-1 Loc``);
+    * ``Top-5 Loc@fixed``: ``r >= 1`` and the paper's box at the fixed threshold has
+      IoU >= 0.5 (Zhou et al.: one box per top-5 class, 20% of the max);
+    * ``Top-5 Loc@heuristic``: the paper's Sec. 3.2 boxes (:data:`~cam_plugin.localize.
+      PAPER_TOP5_LAYOUT`): for ``r in {1, 2}`` the tight (fixed threshold) or the loose box
+      is right, for ``r = 3`` the loose box is right; ranks 4 and 5 get no box;
+    * ``Top-5 error`` and ``Top-5 error@heuristic``: ``100 -`` the matching Loc.
+    """
+    ranks = np.asarray(ranks)
+    top5 = ranks >= 1
+    tight_ok = np.asarray(iou_fixed) >= 0.5
+    loose_ok = np.asarray(iou_loose) >= 0.5
+    heuristic = ((ranks == 1) | (ranks == 2)) & (tight_ok | loose_ok) | (ranks == 3) & loose_ok
+    fixed = float((top5 & tight_ok).mean() * 100)
+    paper = float(heuristic.mean() * 100)
+    return {
+        "Top-5 Loc": float((top5 & np.asarray(hit_best)).mean() * 100),
+        "Top-5 Loc@fixed": fixed,
+        "Top-5 Loc@heuristic": paper,
+        "Top-5 error": 100.0 - fixed,
+        "Top-5 error@heuristic": 100.0 - paper,
+        "Top-5 Cls": float(top5.mean() * 100),
+    }
 
 
 def evaluate_wsol(
@@ -568,13 +547,22 @@ def evaluate_wsol(
     labels: ArrayLike | Sequence[int] | None = None,
     pred_classes: ArrayLike | Sequence[int] | None = None,
     gt_masks: ArrayLike | None = None,
+    top5_classes: ArrayLike | None = None,
     **config: Any,
 ) -> dict[str, float]:
     """One-shot :class:`WSOLMetrics`: ``update`` once and ``compute``.
 
     ``config`` takes the :class:`WSOLMetrics` settings (``cam_curve_interval``,
-    ``iou_thresholds``, ``fixed_threshold``, ``fixed_rule``, ``multi_contour_for_v2``).
+    ``iou_thresholds``, ``fixed_threshold``, ``fixed_rule``, ``multi_contour_for_v2``,
+    ``loose_threshold``).
     """
     metric = WSOLMetrics(**config)
-    metric.update(maps, gt_boxes, labels=labels, pred_classes=pred_classes, gt_masks=gt_masks)
+    metric.update(
+        maps,
+        gt_boxes,
+        labels=labels,
+        pred_classes=pred_classes,
+        gt_masks=gt_masks,
+        top5_classes=top5_classes,
+    )
     return metric.compute()

@@ -34,6 +34,7 @@ __all__ = [
     "check_iou_levels",
     "check_masks",
     "check_sample_ids",
+    "check_top5_classes",
     "to_numpy",
 ]
 
@@ -182,6 +183,20 @@ def check_class_ids(x: object, name: str, b: int) -> np.ndarray:
         raise CAMInputError(f"{name} must have shape (B,) = ({b},); got {arr.shape}{hint}.")
     if not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must hold integer class ids, got dtype {arr.dtype}.")
+    return arr.astype(np.int64)
+
+
+def check_top5_classes(x: object, b: int) -> np.ndarray:
+    """``(b, 5)`` integer class ids, each row the five best predictions, best first (e.g.
+    ``logits.topk(5).indices``), as int64."""
+    arr = to_numpy(x)
+    if arr.shape != (b, 5):
+        raise CAMInputError(
+            f"top5_classes must have shape (B, 5) = ({b}, 5), the five best classes of each "
+            f"image best first (logits.topk(5).indices); got {arr.shape}."
+        )
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"top5_classes must hold integer class ids, got dtype {arr.dtype}.")
     return arr.astype(np.int64)
 
 

@@ -15,6 +15,7 @@ from cam_plugin.localize import (
     contour_boxes,
     contour_sweep,
     label_components,
+    largest_component_boxes,
     masks,
     quantize_maps,
     threshold_boxes,
@@ -302,3 +303,115 @@ def test_contour_boxes_match_per_contour_opencv_calls() -> None:
         for m, res in zip(maps, results):
             for t, boxes in zip(sweep, res.per_threshold()):
                 assert boxes.tolist() == _literal_contour_boxes(m, t, multi), (multi, t)
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def test_opencv_and_torch_backends_give_the_same_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cam_plugin.localize as loc
+
+    maps = torch.cat([_blobby(24, 40, 33, seed=7, k=5), _blobby(8, 40, 33, seed=8, k=9)])
+    ties = torch.zeros(2, 40, 33)
+    ties[:, 30:33, 2:5] = 1.0  # two equal components: the first in raster order wins
+    ties[:, 3:6, 25:28] = 1.0
+    maps = torch.cat([maps, ties, torch.zeros(1, 40, 33)])
+    # a tiny pixel budget stacks only a few masks per OpenCV call
+    monkeypatch.setattr(loc, "_PIXELS_PER_CALL", 3 * 41 * 33)
+    for thr in (0.2, 0.5, 0.9):
+        ref = threshold_boxes(maps, thr, backend="torch")
+        assert torch.equal(threshold_boxes(maps, thr, backend="opencv"), ref)
+        assert torch.equal(threshold_boxes(maps, thr), ref)  # "auto" = OpenCV on the CPU
+    assert threshold_boxes(ties, 0.2).tolist() == [[25, 3, 27, 5]] * 2
+    monkeypatch.undo()
+    big = _blobby(32, 224, 224, seed=9, k=15)  # one tall 1.6 M-pixel image per OpenCV call
+    assert torch.equal(threshold_boxes(big, 0.3), threshold_boxes(big, 0.3, backend="torch"))
+    keep = masks(maps, 0.3)
+    assert largest_component_boxes(keep.view(7, 5, 40, 33)).shape == (7, 5, 4)
+    with pytest.raises(ValueError, match="backend"):
+        threshold_boxes(maps, 0.2, backend="cuda")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bool"):
+        largest_component_boxes(maps)
+
+
+def test_box_cost_warning_from_cam_result_boxes() -> None:
+    from cam_plugin.result import CAMResult
+
+    res = CAMResult(
+        maps=torch.rand(2, 6, 8, 8),
+        logits=torch.zeros(2, 6),
+        classes=torch.arange(6).expand(2, 6),
+        bias=torch.zeros(2, 6),
+        input_size=(8, 8),
+    )
+    with pytest.warns(UserWarning, match=r"boxing 12 maps of 8x8 .* warn_above=10"):
+        boxes = res.boxes(0.2, warn_above=10)
+    assert boxes.shape == (2, 6, 4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res.boxes(0.2)  # 12 maps: below the default
+        res.boxes(0.2, warn_above=None)
+
+
+# ----------------------------------------------------------------------------- the heuristic
+
+
+def test_paper_top5_heuristic_boxes_known_by_hand() -> None:
+    from cam_plugin.localize import PAPER_TOP5_LAYOUT, paper_top5_boxes
+
+    maps = torch.zeros(1, 4, 20, 20)
+    top1 = maps[0, 2]  # class 2 scores best
+    top1[1:6, 1:6] = 0.15  # halo: kept at 10%, not at 20%
+    top1[2:5, 2:5] = 1.0  # core
+    top2 = maps[0, 0]  # class 0 is second
+    top2[10:12, 10:12] = 1.0  # a small bright blob (4 px)
+    top2[13:19, 2:10] = 0.12  # a large faint one (48 px): the largest only at 10%
+    top3 = maps[0, 3]  # class 3 is third
+    top3[0:4, 12:16] = 0.11
+    top3[0:2, 12:16] = 1.0
+    maps[0, 1, 8, 8] = 1.0  # class 1 is fourth: no box
+    scores = torch.tensor([[2.0, 0.5, 3.0, 1.0]])
+    out = paper_top5_boxes(maps, scores, tight=0.2, loose=0.1)
+    assert out.classes.tolist() == [[2, 2, 0, 0, 3]]
+    assert out.boxes.tolist() == [
+        [[2, 2, 4, 4], [1, 1, 5, 5], [10, 10, 11, 11], [2, 13, 9, 18], [12, 0, 15, 3]]
+    ]
+    assert out.scores.tolist() == [[3.0, 3.0, 2.0, 2.0, 1.0]]
+    assert [tight for _, tight in PAPER_TOP5_LAYOUT] == [True, False, True, False, False]
+    with pytest.raises(ValueError, match="loose"):
+        paper_top5_boxes(maps, scores, tight=0.1, loose=0.2)
+    with pytest.raises(ValueError, match="k must be"):
+        paper_top5_boxes(maps[:, :2], scores[:, :2])
+
+
+# ----------------------------------------------------------------------------- fast contours
+
+
+def test_float_maps_binarize_like_their_quantization() -> None:
+    from cam_plugin.wsol_contours import quantization_edges
+
+    for dtype in (np.float32, np.float64):
+        e = quantization_edges(dtype)
+        for k in range(1, 256):
+            below = np.nextafter(e[k], dtype(-1))
+            assert quantize_maps(np.array([e[k]], dtype=dtype))[0] >= k
+            assert quantize_maps(np.array([below], dtype=dtype))[0] < k
+    # maps with values right at the quantization steps, as float32 tensors and float64 arrays
+    rng = np.random.default_rng(9)
+    steps = rng.integers(0, 256, size=(6, 30, 30)) / 255.0
+    jitter = rng.choice([-1, 0, 1], size=steps.shape) * 1e-7
+    maps = np.clip(steps + jitter, 0, 1)
+    sweep = np.arange(0, 1, 0.05)
+    for arr in (maps, maps.astype(np.float32)):
+        as64 = arr.astype(np.float64)
+        got = contour_boxes(torch.from_numpy(arr), sweep, multi_contour=True)
+        assert np.array_equal(arr.astype(np.float64), as64)  # the input is never written
+        one = contour_boxes(arr, 0.35)  # one threshold: compared as floats, not quantized
+        assert [b.boxes.tolist() for b in one] == [
+            _literal_contour_boxes(m, 0.35, False) for m in as64
+        ]
+        for m, res in zip(as64, got):
+            for t, boxes in zip(sweep, res.per_threshold()):
+                assert boxes.tolist() == _literal_contour_boxes(m, t, True), t

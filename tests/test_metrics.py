@@ -399,3 +399,113 @@ def test_constructor_and_mixed_labels_validation() -> None:
     metric.update(maps, boxes)
     with pytest.raises(ValueError, match="for every batch or for none"):
         metric.compute()
+
+
+# ----------------------------------------------------------------------------- top-5
+
+
+def _top5_case() -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+    """Five 16x16 label maps, their boxes, labels and top-5 predictions, built so that:
+
+    0: rank 1, the tight (20%) box is right;
+    1: rank 2, the tight box is a small core (wrong), the loose (10%) box is right;
+    2: rank 3, the tight box is right, the loose box spreads over the image (wrong);
+    3: rank 4, the box is right (but the heuristic gives rank 4 no box);
+    4: the label is not among the top 5.
+    """
+    maps = np.zeros((5, 16, 16))
+    boxes = []
+    for i in (0, 3, 4):
+        maps[i, 4:10, 4:10] = 1.0
+        boxes.append(np.array([4, 4, 9, 9]))
+    maps[1, 2:14, 2:14] = 0.15
+    maps[1, 7:9, 7:9] = 1.0
+    maps[2] = 0.15
+    maps[2, 4:10, 4:10] = 1.0
+    boxes.insert(1, np.array([2, 2, 13, 13]))
+    boxes.insert(2, np.array([4, 4, 9, 9]))
+    labels = np.array([10, 11, 12, 13, 14])
+    top5 = np.array(
+        [
+            [10, 1, 2, 3, 4],
+            [1, 11, 2, 3, 4],
+            [1, 2, 12, 3, 4],
+            [1, 2, 3, 13, 4],
+            [1, 2, 3, 4, 5],
+        ]
+    )
+    return maps, boxes, labels, top5
+
+
+def test_top5_loc_by_hand_and_with_the_heuristic() -> None:
+    maps, boxes, labels, top5 = _top5_case()
+    out = evaluate_wsol(maps, boxes, labels=labels, top5_classes=top5, cam_curve_interval=STEP)
+    # one box per top-5 class at 20%: images 0, 2, 3 (1's tight box is the core)
+    assert out["Top-5 Loc@fixed"] == pytest.approx(60.0)
+    assert out["Top-5 error"] == pytest.approx(40.0)
+    # the heuristic: 0 (tight), 1 (loose, rank 2); not 2 (rank 3: loose only), not 3 (rank 4)
+    assert out["Top-5 Loc@heuristic"] == pytest.approx(40.0)
+    assert out["Top-5 error@heuristic"] == pytest.approx(60.0)
+    assert out["Top-5 Cls"] == pytest.approx(80.0)
+    # the top-1 class is the first column: only image 0 is right
+    assert out["Top-1 Cls"] == pytest.approx(20.0)
+    assert out["GT-known Loc@fixed"] == pytest.approx(80.0)  # the paper's 20%: all but 1
+    assert 0.0 <= out["Top-5 Loc"] <= out["Top-5 Cls"]
+
+
+def test_top5_heuristic_equals_paper_top5_boxes_on_all_class_maps() -> None:
+    from cam_plugin.localize import paper_top5_boxes
+
+    maps, boxes, labels, top5 = _top5_case()
+    metric = WSOLMetrics(cam_curve_interval=STEP)
+    metric.update(maps, boxes, labels=labels, top5_classes=top5, sample_ids=range(5))
+    # every class's map: the label's is the case's map, the others a blob far from the box
+    c = 16
+    full = torch.zeros(5, c, 16, 16, dtype=torch.float64)
+    full[:, :, 14:16, 0:2] = 1.0
+    scores = torch.zeros(5, c)
+    for i in range(5):
+        full[i, labels[i]] = torch.from_numpy(maps[i])
+        scores[i, torch.from_numpy(top5[i])] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    heuristic = paper_top5_boxes(full, scores, tight=0.2, loose=0.1)
+    by_boxes = []
+    for i in range(5):
+        right = [
+            int(k) == labels[i] and box_iou(b.numpy(), boxes[i]).max() >= 0.5
+            for k, b in zip(heuristic.classes[i], heuristic.boxes[i])
+        ]
+        by_boxes.append(any(right))
+    assert metric.compute()["Top-5 Loc@heuristic"] == pytest.approx(100 * np.mean(by_boxes))
+    assert by_boxes == [True, True, False, False, False]
+
+
+def test_top5_records_merge_and_validation() -> None:
+    maps, boxes, labels, top5 = _top5_case()
+    one = WSOLMetrics(cam_curve_interval=STEP)
+    one.update(maps, boxes, labels=labels, top5_classes=top5, sample_ids=range(5))
+    states = []
+    for ids in ([0, 1, 2], [3, 4, 0]):
+        rank = WSOLMetrics(cam_curve_interval=STEP)
+        rank.update(
+            maps[ids],
+            [boxes[i] for i in ids],
+            labels=labels[ids],
+            top5_classes=top5[ids],
+            sample_ids=ids,
+        )
+        states.append(rank.state())
+    merged = WSOLMetrics(cam_curve_interval=STEP)
+    merged.merge(states)
+    assert merged.compute() == one.compute()
+    with pytest.raises(ValueError, match=r"\(B, 5\)"):
+        evaluate_wsol(maps, boxes, labels=labels, top5_classes=top5[:, :3])
+    with pytest.raises(ValueError, match="top5_classes"):
+        evaluate_wsol(maps, boxes, top5_classes=top5)  # no labels
+    mixed = WSOLMetrics(cam_curve_interval=STEP)
+    mixed.update(maps[:2], boxes[:2], labels=labels[:2], top5_classes=top5[:2])
+    mixed.update(maps[2:], boxes[2:], labels=labels[2:], pred_classes=top5[2:, 0])
+    with pytest.raises(ValueError, match="top5_classes were given for 2 of 5"):
+        mixed.compute()
+    with pytest.raises(ValueError, match="loose_threshold"):
+        WSOLMetrics(fixed_threshold=0.2, loose_threshold=0.3)
+    assert WSOLMetrics(fixed_threshold=0.3).loose_threshold == pytest.approx(0.15)
