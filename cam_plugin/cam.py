@@ -13,18 +13,18 @@ device.
 from __future__ import annotations
 
 import contextlib
-import numbers
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .adapter import Adapter, CaptureMaps
 from .branches import ConcatBranchAdapter, branch_result
 from .capture import ForwardCapture, resolve_without_forward
+from .checks import all_finite, check_eval_mode, check_images
 from .discovery import expected_channels
 from .errors import CAMInputError
 from .hooks import CaptureKind
@@ -32,262 +32,57 @@ from .layout import FeatureLayout
 from .probing import model_device_dtype
 from .registry import resolve
 from .result import CAMResult
+from .targets import Contrast, Targets, contrast_classes, parse_targets
 from .tracing import PlacementFinder, feature_placement
 from .units import UnitRanking, UnitResult, rank_units
 
 if TYPE_CHECKING:
     from .placement import Placement
 
-__all__ = ["CAM", "Targets", "all_finite", "check_eval_mode", "check_images", "parse_targets"]
-
-Targets = Union[None, int, str, Tensor, Sequence[int], Sequence[Sequence[int]]]
-Contrast = Union[None, str, int, Tensor, Sequence[int]]
-
-
-def all_finite(t: Tensor) -> bool:
-    """True when no element of ``t`` is NaN or ±inf.
-
-    One reduction instead of an elementwise mask: a NaN or ±inf anywhere makes the sum NaN
-    or ±inf, so a finite sum proves every element finite. Only when the sum is not finite
-    (a bad element, or a finite overflow) is the exact ``isfinite(t).all()`` run.
-    """
-    low = t.dtype in (torch.float16, torch.bfloat16)
-    total = t.sum(dtype=torch.float32) if low else t.sum()
-    if bool(torch.isfinite(total)):
-        return True
-    return bool(torch.isfinite(t).all())
+__all__ = [
+    "CAM",
+    "Contrast",
+    "Targets",
+    "all_finite",
+    "check_eval_mode",
+    "check_images",
+    "contrast_classes",
+    "every_class",
+    "parse_targets",
+    "pictures_to_input",
+]
 
 
-def _check_class(values: Tensor, num_classes: int, what: str) -> None:
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_classes):
-        bad = values[(values < 0) | (values >= num_classes)][0].item()
+def every_class(logits: Tensor) -> Tensor:
+    """``(B, C)`` class indices ``0..C-1`` for every image (the classes of ``targets="all"``)."""
+    return torch.arange(logits.shape[1], device=logits.device).expand(logits.shape[0], -1)
+
+
+def pictures_to_input(images: Any, preprocess: Any, model: nn.Module) -> tuple[Any, Any]:
+    """Pictures (PIL, numpy, paths, or a list) -> ``(model input, per-image geometry)`` with
+    ``preprocess`` (see :class:`CAM`); anything else is returned as is, with ``None``."""
+    from .image_inputs import is_picture_input, prepare_pictures
+
+    if not is_picture_input(images):
+        return images, None
+    if preprocess is None:
         raise CAMInputError(
-            f"{what} {bad} is out of range: the model has {num_classes} classes "
-            f"(valid: 0..{num_classes - 1})"
+            "images are pictures, not a tensor, and this CAM was built with preprocess=None: "
+            "pass a (B, C, H, W) tensor, or build CAM(model, preprocess='auto')"
         )
+    if preprocess == "auto":
+        from .preprocess import DataConfig
 
-
-def _class_index(value: Any, where: str) -> int:
-    """One class index: a Python / numpy integer or a 0-d integer tensor, not negative."""
-    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise CAMInputError(
-            f"{where} is {type(value).__name__}; expected a class index (an int), or for "
-            "targets one int or one list of ints per image (no deeper nesting)"
-        )
-    if int(value) < 0:
-        raise CAMInputError(
-            f"{where} is {int(value)}: class indices are >= 0 (only ragged per-image lists "
-            "are padded, internally)"
-        )
-    return int(value)
-
-
-def _target_row(value: Any, i: int) -> list[int]:
-    """The classes of image ``i``: an int, or a list / 1-d array / tensor of ints."""
-    if isinstance(value, (np.ndarray, Tensor)) and value.ndim == 1:
-        value = value.tolist()
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        if not value:
-            raise CAMInputError(f"targets[{i}] is empty: give at least one class")
-        return [_class_index(c, f"targets[{i}][{j}]") for j, c in enumerate(value)]
-    return [_class_index(value, f"targets[{i}]")]
-
-
-def _targets_from_tensor(
-    targets: Tensor, batch: int, num_classes: int, device: torch.device
-) -> Tensor:
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise CAMInputError(
-            f"target tensor must hold integer class indices, got dtype {targets.dtype}"
-        )
-    t = targets.to(device=device, dtype=torch.long)
-    if t.dim() == 0:
-        t = t.expand(batch).reshape(batch, 1)
-    elif t.dim() == 1:
-        t = t.reshape(-1, 1)
-    elif t.dim() != 2:
-        raise CAMInputError(f"target tensor must be (B,) or (B, k), got {tuple(t.shape)}")
-    if t.shape[0] != batch:
-        raise CAMInputError(
-            f"targets has {t.shape[0]} entries but the batch has {batch} images; give "
-            "one target (or one list of targets) per image"
-        )
-    _check_class(t, num_classes, "target")
-    return t
-
-
-def parse_targets(targets: Targets, logits: Tensor, topk: int = 1) -> Optional[Tensor]:
-    """Turn the ``targets`` argument into a ``(B, k)`` long tensor (``-1`` = padding).
-
-    ``None`` -> the ``topk`` highest logits of each image; ``"all"`` -> ``None`` (every
-    class, one einsum); an int -> that class for every image; one int per image; a list
-    of class lists per image (multi-label, ragged lists are padded with ``-1``); a
-    ``(B,)`` or ``(B, k)`` integer tensor.
-    """
-    batch, num_classes = logits.shape
-    device = logits.device
-    if targets is None:
-        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes:
-            raise CAMInputError(f"topk must be an int in 1..{num_classes}, got {topk!r}")
-        return logits.topk(topk, dim=1).indices
-    if isinstance(targets, str):
-        if targets != "all":
-            raise CAMInputError(
-                f"targets={targets!r}: the only string accepted is 'all' (every class)"
-            )
-        return None
-    if isinstance(targets, bool):
-        raise CAMInputError("targets must be class indices, not a bool")
-    if isinstance(targets, np.ndarray):
-        targets = torch.as_tensor(targets)
-    if isinstance(targets, numbers.Integral):
-        _check_class(torch.tensor([int(targets)]), num_classes, "target")
-        return torch.full((batch, 1), int(targets), dtype=torch.long, device=device)
-    if isinstance(targets, Tensor):
-        return _targets_from_tensor(targets, batch, num_classes, device)
-    if isinstance(targets, Sequence):
-        items = list(targets)
-        if len(items) != batch:
-            raise CAMInputError(
-                f"targets has {len(items)} entries but the batch has {batch} images; give "
-                "one target (or one list of targets) per image"
-            )
-        rows = [_target_row(v, i) for i, v in enumerate(items)]
-        width = max(len(r) for r in rows)
-        t = torch.full((batch, width), -1, dtype=torch.long)
-        for i, row in enumerate(rows):
-            t[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        _check_class(t[t >= 0], num_classes, "target")
-        return t.to(device)
-    raise CAMInputError(
-        f"targets must be None, 'all', an int, a list or a tensor; got {type(targets).__name__}"
-    )
-
-
-def _check_placement(images: Tensor, model: nn.Module, name: str) -> None:
-    """Same device and dtype as the model's parameters (autocast may lower the dtype)."""
+        preprocess = DataConfig.for_model(model)
     device, dtype = model_device_dtype(model)
-    if not any(True for _ in model.parameters()):
-        return
-    if images.device != device:
-        raise CAMInputError(
-            f"{name} are on {images.device} but the model is on {device}: move them first, "
-            f"e.g. {name}.to('{device}')"
-        )
-    if images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
-        raise CAMInputError(
-            f"{name} are {images.dtype} but the model's parameters are {dtype}: convert them "
-            f"({name}.to({dtype})) or run the call under torch.autocast"
-        )
-
-
-def contrast_classes(contrast: Contrast, logits: Tensor, classes: Tensor) -> Tensor:
-    """The class ``c'`` of every map for contrastive maps ``M_c − M_c'`` (``(B, k)``,
-    ``-1`` where ``classes`` is padding).
-
-    ``"second"``: per map, the highest-logit class other than ``c`` (the runner-up for the
-    top-1 class); an int: that class for every map; one int per image (list, array or
-    ``(B,)`` tensor): that image's class for all its maps.
-    """
-    batch, num_classes = logits.shape
-    if isinstance(contrast, str):
-        if contrast != "second":
-            raise CAMInputError(
-                f"contrast={contrast!r}: the only string accepted is 'second' (the runner-up)"
-            )
-        if num_classes < 2:
-            raise CAMInputError("contrast='second' needs a model with at least two classes")
-        top2 = logits.topk(2, dim=1).indices  # (B, 2)
-        out = torch.where(classes == top2[:, :1], top2[:, 1:], top2[:, :1])
-    elif isinstance(contrast, bool) or contrast is None:
-        raise CAMInputError("contrast must be 'second', a class index or one class per image")
-    elif isinstance(contrast, numbers.Integral):
-        _check_class(torch.tensor([int(contrast)]), num_classes, "contrast class")
-        out = torch.full_like(classes, int(contrast))
-    else:
-        values = contrast if isinstance(contrast, Tensor) else torch.as_tensor(contrast)
-        per_image = _targets_from_tensor(values, batch, num_classes, logits.device)
-        if per_image.shape[1] != 1:
-            raise CAMInputError("contrast takes one class per image, not a list per image")
-        out = per_image.expand_as(classes)
-    same = (out == classes) & (classes >= 0)
-    if bool(same.any()):
-        raise CAMInputError(
-            f"contrast class {int(out[same][0])} equals the map's own class: M_c − M_c is zero"
-        )
-    return torch.where(classes >= 0, out, torch.full_like(out, -1))
-
-
-def check_images(
-    images: Any,
-    adapter: Optional[Adapter],
-    *,
-    name: str = "images",
-    batch: str = "B",
-    check_finite: bool = True,
-    model: Optional[nn.Module] = None,
-    channels: Optional[int] = None,
-) -> Tensor:
-    """Reject what the model cannot take before torch fails inside it: not a tensor, not
-    ``(B, C, H, W)``, an empty batch, an integer dtype, a channel count other than the
-    adapter's (or ``channels``), NaN / inf values (when ``check_finite``), and — when
-    ``model`` is given — a device or floating dtype other than the model's parameters'
-    (outside autocast). ``name`` and ``batch`` word the messages (Captum calls them
-    ``inputs`` and ``N``). Returns ``images``."""
-    if not isinstance(images, Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor of shape ({batch}, C, H, W), got "
-            f"{type(images).__name__}"
-        )
-    if images.dim() not in (4, 5):
-        hint = f" (one image? use {name}.unsqueeze(0))" if images.dim() == 3 else ""
-        raise CAMInputError(
-            f"{name} must be 4-D ({batch}, C, H, W) (or 5-D ({batch}, C, T, H, W) clips for a "
-            f"video model), got shape {tuple(images.shape)}{hint}"
-        )
-    if images.shape[0] == 0:
-        raise CAMInputError(f"{name} is an empty batch ({batch} = 0); give at least one image")
-    if not images.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor (normalized as the model expects), "
-            f"got dtype {images.dtype}"
-        )
-    expected = adapter.input_size[0] if adapter is not None and adapter.input_size else channels
-    if expected is not None and images.shape[1] != expected:
-        raise CAMInputError(
-            f"{name} have {images.shape[1]} channels but the model expects {expected}"
-        )
-    if model is not None:
-        _check_placement(images, model, name)
-    if check_finite and not all_finite(images):
-        raise CAMInputError(f"{name} contain NaN or inf values; clean the input first")
-    return images
-
-
-def check_eval_mode(
-    model: Optional[nn.Module], adapter: Optional[Adapter], alternative: str = ""
-) -> None:
-    """Refuse a model (or head module) in train mode: BatchNorm would use batch statistics
-    and dropout would be random, so the identity would not hold. ``alternative`` ends the
-    message with what else the caller may do."""
-    head = adapter.head_modules if adapter is not None else ()
-    training = [n for n, m in head if m.training]
-    if (model is not None and model.training) or training:
-        tail = f", {alternative}" if alternative else ""
-        raise CAMInputError(
-            "the model is in train mode: BatchNorm uses batch statistics and dropout is "
-            f"random, so CAM is not exact. Call model.eval() first{tail}"
-        )
+    return prepare_pictures(images, preprocess, device=device, dtype=dtype)
 
 
 class CAM:
     """Class Activation Mapping for a model whose head is affine after a global average pool.
 
     Args:
-        model: the classifier (timm, torchvision, mmpretrain, converted, or any model the
-            registry or the generic probe resolves).
+        model: a classifier the registry resolves (timm, torchvision, HF, mmpretrain, ...).
         adapter: skip resolution and use this adapter.
         input_size: ``(C, H, W)`` for the generic probe when the model does not say.
         allow_train: allow a model in train mode (for training-time use). The identity then
@@ -297,6 +92,10 @@ class CAM:
         verify: check ``mean_xy M_c + b_c == logit_c`` (via the pooled features) on every
             call and raise if the fold no longer matches the model.
         check_finite: reject inputs with NaN / inf.
+        preprocess: how pictures (PIL images, numpy arrays, paths) become the model's input:
+            ``"auto"`` (the model's evaluation preprocessing,
+            :meth:`cam_plugin.preprocess.DataConfig.for_model`), a ``DataConfig``, a callable
+            ``DecodedImage -> Prepared``, or ``None`` to accept tensors only.
         placement: ``"auto"`` (default): ``res.upsample()`` centres cell ``i`` on its
             receptive field ``o + s·i``, traced at its first need, once per input size, on a
             weightless copy (:func:`cam_plugin.tracing.placement_of`: the model never runs;
@@ -304,12 +103,8 @@ class CAM:
             traced. ``True``: traced at the call into ``res.placement`` (a converted model's
             own). ``False`` / ``"bilinear"``: never trace. See ``res.upsampled_with``.
 
-    Use it as a context manager or call it directly; either way the forward hook lives only
-    during each call and is removed even when the forward raises::
-
-        with CAM(model) as cam:
-            res = cam(images, topk=1)
-        boxes = res.upsample().normalize().boxes(0.2)
+    Every hook lives only during a call (removed even when the forward raises):
+    ``res = CAM(model)(images, topk=1); res.upsample().normalize().boxes(0.2)``.
     """
 
     def __init__(
@@ -323,6 +118,7 @@ class CAM:
         verify: bool = True,
         check_finite: bool = True,
         placement: Union[bool, str] = "auto",
+        preprocess: Any = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -339,6 +135,7 @@ class CAM:
         self.differentiable = differentiable
         self.verify = verify
         self.check_finite = check_finite
+        self.preprocess = preprocess
         if placement not in (True, False, "auto", "bilinear"):
             raise CAMInputError(
                 f"placement must be 'auto', True, False or 'bilinear', got {placement!r}"
@@ -409,7 +206,10 @@ class CAM:
         """Run the model once and return the maps of the requested classes.
 
         Args:
-            images: ``(B, C, H, W)`` float tensor, preprocessed as the model expects.
+            images: ``(B, C, H, W)`` float tensor, preprocessed as the model expects; or
+                pictures — a PIL image, a numpy ``(H, W[, C])`` array, an image path, or a
+                list of them — preprocessed with ``preprocess`` (the result then keeps
+                each image's geometry: :meth:`CAMResult.to_original`).
             targets: ``None`` (top-``topk`` predicted classes), an int, one int per image,
                 a list of class lists per image (multi-label), a ``(B,)``/``(B, k)`` tensor,
                 or ``"all"`` (every class in one einsum).
@@ -419,17 +219,21 @@ class CAM:
                 class per image; exactly ``mean_xy (M_c − M_c') + b_c − b_c' = S_c − S_c'``
                 (see :func:`contrast_classes` and ``CAMResult.contrast``).
         """
+        originals = None
+        if not isinstance(images, Tensor):
+            images, originals = pictures_to_input(images, self.preprocess, self.model)
         images, adapter = self._prepare(images)
         hw = (int(images.shape[-2]), int(images.shape[-1]))
         grad_ctx: Any = contextlib.nullcontext() if self.differentiable else torch.no_grad()
-        if isinstance(adapter, ConcatBranchAdapter):
-            with grad_ctx:
-                return self._branch_call(images, adapter, targets, topk, contrast)
         with grad_ctx:
-            step, adapter = self._forward_step(
-                images, adapter, lambda logits: parse_targets(targets, logits, topk)
-            )
-            return self._result(step, images, hw, adapter, contrast)
+            if isinstance(adapter, ConcatBranchAdapter):
+                res = self._branch_call(images, adapter, targets, topk, contrast)
+            else:
+                step, adapter = self._forward_step(
+                    images, adapter, lambda logits: parse_targets(targets, logits, topk)
+                )
+                res = self._result(step, images, hw, adapter, contrast)
+        return res if originals is None else replace(res, originals=originals)
 
     def _prepare(self, images: Any) -> tuple[Tensor, Optional[Adapter]]:
         """Checked images and the adapter so far (resolved first for a train-mode model)."""
@@ -488,14 +292,8 @@ class CAM:
         units, ``Σ_k W'_ck u_k = M_c`` (see :mod:`cam_plugin.units`)."""
         images, adapter = self._prepare(images)
         with torch.no_grad():
-            step, adapter = self._forward_step(
-                images, adapter, lambda logits: parse_targets(targets, logits, topk)
-            )
-            classes = step.classes
-            if classes is None:
-                classes = torch.arange(step.logits.shape[1], device=step.logits.device).expand(
-                    step.logits.shape[0], -1
-                )
+            step, _ = self._forward_step(images, adapter, lambda s: parse_targets(targets, s, topk))
+            classes = step.classes if step.classes is not None else every_class(step.logits)
             return rank_units(step.head, step.features, classes, top=top, by=by)
 
     def _result(
@@ -508,10 +306,7 @@ class CAM:
     ) -> CAMResult:
         """Wrap the core step's output: contrast subtracted, padding zeroed, bias per map."""
         maps, logits, classes = step.maps, step.logits, step.classes
-        if classes is None:
-            classes = torch.arange(logits.shape[1], device=logits.device).expand(
-                logits.shape[0], -1
-            )
+        classes = classes if classes is not None else every_class(logits)
         bias = step.head.class_bias(classes.clamp_min(0)).to(maps.dtype)
         other: Optional[Tensor] = None
         if contrast is not None:
@@ -522,7 +317,7 @@ class CAM:
             bias = bias.detach()  # computed outside no_grad: no graph into the host's head
         if bool((classes < 0).any()):
             keep = classes >= 0
-            maps = maps * keep[:, :, None, None]
+            maps = maps * keep.reshape(*keep.shape, *([1] * (maps.dim() - 2)))
             bias = bias * keep
         return CAMResult(
             maps=maps,

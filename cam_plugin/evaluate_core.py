@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cam import check_images
+from .checks import check_images
 from .errors import CAMInputError
 from .probing import first_tensor
 from .result import CAMResult, minmax_normalize

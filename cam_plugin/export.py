@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .adapter import Adapter
 from .allocator import keep_freed_memory  # re-exported: it lived here before
-from .cam import check_eval_mode, check_images
+from .checks import check_eval_mode, check_images
 from .errors import CAMInputError
 from .heads import FoldedHead
 from .hooks import FeatureCapture

@@ -287,6 +287,7 @@ class CAMResult:
         default=None, repr=False, compare=False
     )
     upsampled_with: Optional[str] = None
+    originals: Optional[tuple[Any, ...]] = field(default=None, repr=False, compare=False)
     scale: Optional[MapScale] = None
     constant: Optional[Tensor] = None
     branches: Optional[Mapping[str, CAMResult]] = field(default=None, repr=False, compare=False)
@@ -459,7 +460,7 @@ class CAMResult:
             CAMInputError: an index out of range, a mask of another length, floats, a tuple
                 (``res[i, j]``: only the batch is indexed), or a multi-dimensional index.
         """
-        rows = self._rows(index)
+        rows = _batch_rows(index, len(self))
         return replace(
             self,
             maps=self.maps[_on(rows, self.maps)],
@@ -469,43 +470,28 @@ class CAMResult:
             contrast=None if self.contrast is None else self.contrast[_on(rows, self.contrast)],
             constant=None if self.constant is None else self.constant[_on(rows, self.constant)],
             branches=self._on_branches(lambda b: b[index]),
+            originals=None if self.originals is None else _pick(self.originals, rows),
         )
 
     def select(self, index: BatchIndex) -> CAMResult:
         """``res[index]``: the result of some images (see :meth:`__getitem__`)."""
         return self[index]
 
-    def _rows(self, index: Any) -> Union[slice, Tensor]:
-        n = len(self)
-        what = (
-            "index a CAMResult with an int, a slice, a bool mask of length B or a list / 1-D "
-            f"tensor of image indices (B = {n})"
-        )
-        i = _as_int(index)
-        if i is not None:
-            if not -n <= i < n:
-                raise CAMInputError(f"image index {i} is out of range; {what}")
-            return slice(i % n, i % n + 1)
-        if isinstance(index, slice):
-            if index.step is not None and index.step <= 0:
-                return torch.tensor(list(range(n)[index]), dtype=torch.long)
-            return index
-        if isinstance(index, (tuple, str, bytes)) or not isinstance(
-            index, (Sequence, Tensor, np.ndarray)
-        ):
-            raise CAMInputError(f"{what}; got {type(index).__name__} {index!r}")
-        rows = _index_tensor(index, what)
-        if rows.dtype == torch.bool:
-            if rows.numel() != n:
-                raise CAMInputError(f"the mask has {rows.numel()} entries for {n} images; {what}")
-            return rows.nonzero().flatten()
-        if rows.numel() and not bool(((rows >= -n) & (rows < n)).all()):
-            raise CAMInputError(f"image indices {rows.tolist()} are out of range; {what}")
-        return rows % max(n, 1)
-
     def per_image(self) -> list[tuple[Tensor, Tensor]]:
         """``[(classes_i, maps_i), ...]`` without the padding of ragged targets."""
         return [(c[v], m[v]) for c, m, v in zip(self.classes, self.maps, self.valid)]
+
+    def to_original(self, fill: float = float("nan")) -> list[Tensor]:
+        """Per image, the maps ``(k, h0, w0)`` on the original picture (when the call was
+        given pictures: ``originals`` holds their geometry), bilinearly resampled from the
+        maps at the input size (``upsample()`` first when they are not); pixels the crop
+        left out get ``fill``. See :func:`cam_plugin.image_inputs.map_to_original`."""
+        from .image_inputs import map_to_original
+
+        if self.originals is None:
+            raise CAMInputError("to_original needs a call on pictures (PIL / numpy / paths)")
+        at_input = self if self.maps.shape[-2:] == self.input_size else self.upsample()
+        return [map_to_original(m, p, fill) for m, p in zip(at_input.maps, self.originals)]
 
     def to_numpy(self) -> dict[str, Any]:
         """``maps``, ``logits``, ``classes``, ``probabilities`` as numpy arrays."""
@@ -553,6 +539,39 @@ def _resize(
         mode3 = {"bilinear": "trilinear", "bicubic": "trilinear"}.get(mode, mode)
         return F.interpolate(maps, size=(frames, *target), mode=mode3, align_corners=ac), mode
     return F.interpolate(maps, size=target, mode=mode, align_corners=ac), mode
+
+
+def _batch_rows(index: Any, n: int) -> Union[slice, Tensor]:
+    """The rows of a batch of ``n`` that ``index`` selects (see ``CAMResult.__getitem__``)."""
+    what = (
+        "index a CAMResult with an int, a slice, a bool mask of length B or a list / 1-D "
+        f"tensor of image indices (B = {n})"
+    )
+    i = _as_int(index)
+    if i is not None:
+        if not -n <= i < n:
+            raise CAMInputError(f"image index {i} is out of range; {what}")
+        return slice(i % n, i % n + 1)
+    if isinstance(index, slice):
+        if index.step is not None and index.step <= 0:
+            return torch.tensor(list(range(n)[index]), dtype=torch.long)
+        return index
+    if isinstance(index, (tuple, str, bytes)) or not isinstance(
+        index, (Sequence, Tensor, np.ndarray)
+    ):
+        raise CAMInputError(f"{what}; got {type(index).__name__} {index!r}")
+    rows = _index_tensor(index, what)
+    if rows.dtype == torch.bool:
+        if rows.numel() != n:
+            raise CAMInputError(f"the mask has {rows.numel()} entries for {n} images; {what}")
+        return rows.nonzero().flatten()
+    if rows.numel() and not bool(((rows >= -n) & (rows < n)).all()):
+        raise CAMInputError(f"image indices {rows.tolist()} are out of range; {what}")
+    return rows % max(n, 1)
+
+
+def _pick(items: tuple[Any, ...], rows: Union[slice, Tensor]) -> tuple[Any, ...]:
+    return items[rows] if isinstance(rows, slice) else tuple(items[int(i)] for i in rows)
 
 
 def _index_tensor(index: Any, what: str) -> Tensor:

@@ -33,8 +33,8 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from cam_plugin.adapter import Adapter
-from cam_plugin.cam import check_eval_mode, check_images
 from cam_plugin.capture import ForwardCapture, resolve_without_forward
+from cam_plugin.checks import check_eval_mode, check_images
 from cam_plugin.discovery import expected_channels
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError
 from cam_plugin.hooks import CaptureKind, FeatureCapture

@@ -33,12 +33,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from cam_plugin.adapter import Adapter, CaptureMaps
-from cam_plugin.cam import parse_targets
 from cam_plugin.capture import ForwardCapture
 from cam_plugin.errors import AdapterNotFoundError, CAMInputError, UnsupportedHeadError
 from cam_plugin.metrics import WSOLMetrics
 from cam_plugin.probing import first_tensor, model_device_dtype, rng_guard
 from cam_plugin.result import CAMResult
+from cam_plugin.targets import parse_targets
 from cam_plugin.viz import annotated_overlay, enlarge, hstack, to_uint8_image
 from cam_plugin.wsol_inputs import check_gt_boxes
 

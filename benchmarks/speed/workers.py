@@ -226,7 +226,7 @@ def worker_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     import torch.nn.functional as F
 
     from cam_plugin import FeatureCapture, minmax_normalize, parse_targets
-    from cam_plugin.cam import all_finite
+    from cam_plugin.checks import all_finite
 
     bench = Bench(args.model, args.batch, args.device, args.threads)
     torch, x, adapter = bench.torch, bench.x, bench.adapter
