@@ -35,7 +35,7 @@ def convnext() -> torch.nn.Module:
 def _eager(model: torch.nn.Module, x: torch.Tensor, topk, upsample: bool, normalize: bool):  # type: ignore[no-untyped-def]
     res = cp.CAM(model)(x, targets="all" if topk is None else None, topk=topk or 1)
     if upsample:
-        res = res.upsample()
+        res = res.upsample(placement="bilinear")  # CAMModule resizes plainly
     if normalize:
         res = res.normalize()
     return res
