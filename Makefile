@@ -12,7 +12,7 @@ export NO_MKDOCS_2_WARNING := 1
 export MPLBACKEND := Agg
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD := 1
 
-.PHONY: help demo test test-core lint typecheck pytest docs bench bench-wsol compare wheel clean
+.PHONY: help demo test test-core lint typecheck pytest docs bench bench-evaluate bench-wsol compare wheel clean
 
 help:
 	@echo "make demo    - install (torch CPU, timm, demo data) and write CAM pictures to outputs/"
@@ -44,6 +44,9 @@ $(VENV)/.test: $(VENV)/.demo pyproject.toml
 # ../shared/ENVIRONMENT.md "transformers next to mmpretrain"
 	$(PIP) "transformers>=4.40,<4.52"
 	$(PIP) torchcam grad-cam
+# cam-plugin run / evaluate (the [run] extra) and its Ray engine (the [ray] extra)
+	$(PIP) "pyarrow>=14" "zarr>=3" "pycocotools>=2"
+	$(PIP) "ray[data]>=2.9,<3"
 	$(PIP) addict pyyaml rich termcolor yapf opencv-python-headless einops importlib-metadata \
 	    mat4py modelindex pycocotools scipy shapely six terminaltables
 	tools/build_mmcv_wheel.sh $(CACHE)
@@ -78,6 +81,11 @@ docs:
 # speed + memory vs plain forward, torchcam, grad-cam, Captum; writes docs/benchmarks.md
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.speed
+
+# boxes per map vs raw OpenCV, faithfulness metrics vs torchcam / grad-cam; writes
+# docs/benchmarks-evaluate.md
+bench-evaluate: $(VENV)/.test
+	$(BIN)/python benchmarks/boxes.py
 
 # WSOL on cluttered digits: converted timm backbone, CAM vs GMP / Gaussian / brightness,
 # Choe et al.'s metrics, fixed steps and seeds; writes docs/wsol.md and docs/assets/wsol/

@@ -1,4 +1,6 @@
-"""The ``cam-plugin`` command.
+"""The ``cam-plugin`` command: ``explain`` (a quick look at a few images), ``run`` (a whole
+data set, sharded and resumable: :mod:`cam_plugin.run`) and ``evaluate`` (WSOL metrics of
+a run's saved maps: :mod:`cam_plugin.run.evaluate`).
 
 ``cam-plugin explain [IMAGES or FOLDERS ...]`` runs a classifier once per batch and writes,
 for every image, its top-k classes with probabilities and a picture with one CAM overlay per
@@ -71,7 +73,10 @@ class _Parser(argparse.ArgumentParser):
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--checkpoint``, ``--num-classes``, ``--model-kwargs``, ``--device``."""
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="a timm model name, or module:function"
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a timm or torchvision (torchvision:NAME) model name, an mmpretrain config (.py), or "
+        "module:function",
     )
     parser.add_argument("--checkpoint", default=None, help="weights to load (weights_only=True)")
     parser.add_argument("--num-classes", type=int, default=None, help="classes of the model")
@@ -102,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=1, help="decoding processes (default 1; 0: in this one)"
     )
     ex.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    from .run.arguments import add_evaluate_parser, add_run_parser
+
+    add_run_parser(sub, add_model_options)
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -338,6 +347,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "explain":
             return explain(args)
+        if args.command == "run":
+            from .run.runner import RunOptions, run
+
+            options = RunOptions.from_namespace(args)
+            options.command = ["cam-plugin", *(sys.argv[1:] if argv is None else argv)]
+            return run(options)
+        if args.command == "evaluate":
+            from .run.evaluate import evaluate_run
+
+            return evaluate_run(args)
         return EXIT_USAGE  # pragma: no cover - argparse enforces the sub-command
     except KeyboardInterrupt:
         print("cam-plugin: interrupted", file=sys.stderr)

@@ -3,7 +3,11 @@
 ``load_model(spec, checkpoint=..., num_classes=..., model_kwargs=...)``:
 
 * ``spec`` is a timm model name (``timm.create_model(spec, pretrained=False,
-  num_classes=..., **model_kwargs)``), or ``package.module:function`` returning an
+  num_classes=..., **model_kwargs)``; ``timm:NAME`` forces timm), a torchvision model name
+  (``torchvision:NAME``, or a plain name timm does not know:
+  ``torchvision.models.get_model(NAME, weights=None, num_classes=..., **model_kwargs)``), an
+  mmpretrain config file (``*.py``: ``mmpretrain.get_model(config)``, with the checkpoint
+  loaded by cam-plugin as for every model), or ``package.module:function`` returning an
   ``nn.Module`` (called with ``num_classes=`` when given and ``**model_kwargs``; the current
   folder is importable). The default, :data:`DEFAULT_MODEL` without options, is timm's
   ``tf_efficientnet_lite0`` with the real ImageNet weights of the
@@ -149,6 +153,70 @@ def _create_timm(spec: str, num_classes: Optional[int], kwargs: dict[str, Any]) 
         raise CAMInputError(f"--model {spec} does not accept {sorted(extra)} ({err})") from err
 
 
+def _create_torchvision(spec: str, num_classes: Optional[int], kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        from torchvision import models
+    except Exception as err:  # noqa: BLE001 - ImportError, or a broken torchvision build
+        raise CAMInputError(
+            f"--model {spec} is a torchvision name and torchvision cannot be imported ({err})"
+        ) from err
+    name = spec.split(":", 1)[-1]
+    if name not in models.list_models():
+        raise CAMInputError(
+            f"unknown torchvision model {name!r}; see torchvision.models.list_models()"
+        )
+    extra = dict(kwargs)
+    if num_classes is not None:
+        extra["num_classes"] = num_classes
+    try:
+        return models.get_model(name, weights=None, **extra)
+    except (TypeError, ValueError) as err:
+        raise CAMInputError(f"--model {spec} does not accept {sorted(extra)} ({err})") from err
+
+
+def _create_mmpretrain(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import mmpretrain
+    except ImportError as err:
+        raise CAMInputError(
+            f"--model {spec} is an mmpretrain config and mmpretrain is not installed"
+        ) from err
+    try:
+        model = mmpretrain.get_model(spec, pretrained=False, **kwargs)
+    except Exception as err:  # noqa: BLE001 - config errors come in many types
+        raise CAMInputError(f"--model {spec}: mmpretrain cannot build it ({err})") from err
+    return model
+
+
+def _build(spec: str, num_classes: Optional[int], kwargs: dict[str, Any]) -> nn.Module:
+    """The model of ``spec`` with random (or the function's own) weights."""
+    if spec.startswith("timm:"):
+        return _create_timm(spec[5:], num_classes, kwargs)
+    if spec.startswith("torchvision:"):
+        return _create_torchvision(spec, num_classes, kwargs)
+    if spec.endswith(".py") and os.path.isfile(spec):
+        if num_classes is not None:
+            kwargs = {**kwargs, "head": {"num_classes": num_classes}}
+        return _create_mmpretrain(spec, kwargs)
+    if _FUNCTION_SPEC.fullmatch(spec) and not spec.startswith(("hf_hub:", "hf-hub:")):
+        return _call_function(spec, num_classes, kwargs)
+    try:
+        import timm
+
+        known = timm.is_model(spec)
+    except ImportError:
+        known = False
+    if not known and "/" not in spec and ":" not in spec:
+        try:
+            from torchvision import models
+
+            if spec in models.list_models():
+                return _create_torchvision(spec, num_classes, kwargs)
+        except Exception:  # noqa: BLE001 - fall through to timm's message
+            pass
+    return _create_timm(spec, num_classes, kwargs)
+
+
 def load_model(
     spec: str,
     *,
@@ -165,13 +233,10 @@ def load_model(
         from cam_plugin.integrations.timm import efficientnet_lite0_pretrained
 
         return LoadedModel(efficientnet_lite0_pretrained().eval(), spec, "pretrained")
-    if _FUNCTION_SPEC.fullmatch(spec) and not spec.startswith(("hf_hub:", "hf-hub:")):
-        model = _call_function(spec, num_classes, kwargs)
-    else:
-        model = _create_timm(spec, num_classes, kwargs)
+    model = _build(spec, num_classes, kwargs)
     loaded = LoadedModel(model, spec, "random", checkpoint)
     if state is None:
-        if not spec.count(":"):
+        if not _FUNCTION_SPEC.fullmatch(spec) or spec.startswith(("timm:", "torchvision:")):
             loaded.notes.append(
                 f"{spec} has random weights (no --checkpoint); the maps are not meaningful"
             )

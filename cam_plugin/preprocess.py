@@ -83,7 +83,34 @@ class DataConfig:
                 std=tuple(float(v) for v in cfg["std"]),
                 source="timm data config of the model",
             )
+        pre = getattr(model, "data_preprocessor", None)
+        mean, std = getattr(pre, "mean", None), getattr(pre, "std", None)
+        if isinstance(mean, Tensor) and isinstance(std, Tensor) and mean.numel() == 3:
+            # mmpretrain / mmengine: mean and std in 0..255 pixel units, as buffers
+            return cls(
+                mean=tuple(round(float(v) / 255.0, 6) for v in mean.flatten()),
+                std=tuple(round(float(v) / 255.0, 6) for v in std.flatten()),
+                source="data_preprocessor of the model (mmengine)",
+            )
         return cls()
+
+    def with_overrides(
+        self, input_size: int | None = None, crop_pct: float | None = None
+    ) -> DataConfig:
+        """This config with a square ``input_size`` and / or another ``crop_pct``
+        (``--input-size`` / ``--crop-pct``)."""
+        from dataclasses import replace
+
+        out = self
+        if input_size is not None:
+            if input_size < 8:
+                raise CAMInputError(f"--input-size must be >= 8, got {input_size}")
+            out = replace(out, input_size=(out.input_size[0], input_size, input_size))
+        if crop_pct is not None:
+            out = replace(out, crop_pct=crop_pct)
+        if out is not self:
+            out = replace(out, source=f"{self.source}, overridden on the command line")
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
