@@ -308,9 +308,12 @@ def report(rows: list[Any], rss: list[Any], sizes: dict[str, Any], args: argpars
         )
     lines += [
         "",
-        "With `W` decoding workers on cores of their own the end-to-end rate approaches the "
-        "compute step's; on a machine where the workers share the forward's cores, each "
-        "image also costs its decoding time on those cores.",
+        "With decoding workers on cores of their own the end-to-end rate approaches the "
+        "compute step's. On 2 cores the workers share the forward's cores: each image also "
+        "costs its decoding time there (the workers run at `nice` +10, "
+        "`cam_plugin.run.runner.lower_priority`, so the forward's threads keep their cores), "
+        "which bounds a light model such as EfficientNet-Lite0 at about "
+        "`2·forward / (2·forward + decode)` of the bare forward before any other cost.",
         "",
         "## Peak memory",
         "",
@@ -324,9 +327,10 @@ def report(rows: list[Any], rss: list[Any], sizes: dict[str, Any], args: argpars
         f"Peak RSS grows by {100 * (large / small - 1):+.1f}% from {rss[0][0]} to "
         f"{rss[1][0]} images (goal: within 10%). Rows, maps and boxes are held one shard "
         "(256 images) at a time and released once the shard is committed; decoding happens "
-        "in the workers, one batch at a time; and the runner fixes glibc's mmap threshold at "
-        "1 MiB (`cam_plugin.run.runner.bound_malloc`), without which heap fragmentation from "
-        "thousands of batch-sized blocks adds about 10% over the first few thousand images.",
+        "in the workers, one batch at a time; and the runner returns freed heap pages to the "
+        "system after every batch (`cam_plugin.run.runner.heap_trimmer`, glibc's "
+        "`malloc_trim`), without which heap fragmentation from thousands of batch-sized "
+        "blocks added 11-14% here (1,103 -> 1,223 MiB from 200 to 1,000 images).",
         "",
         "## Bytes per image",
         "",
