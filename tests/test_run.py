@@ -271,6 +271,25 @@ def test_rerun_recomputes_nothing_and_other_settings_are_refused(
     assert "computed 10 now" in capsys.readouterr().out
 
 
+def test_compile_and_channels_last_give_the_plain_runs_maps(root: Path, tmp_path: Path) -> None:
+    from cam_plugin.run import read_maps
+
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    assert cli_run("images/000*.jpg", plain, "--batch-size", "4") == 0
+    assert (
+        cli_run("images/000*.jpg", fast, "--batch-size", "4", "--compile", "--channels-last") == 0
+    )
+    assert json.loads((fast / "run.json").read_text())["speed"] == {
+        "channels_last": True,
+        "compile": True,
+    }
+    a, b = rows(plain), rows(fast)
+    assert [r["name"] for r in a] == [r["name"] for r in b] and len(a) == 10
+    for ra, rb in zip(a, b):
+        assert ra["map_classes"] == rb["map_classes"]
+        np.testing.assert_allclose(read_maps(fast, rb), read_maps(plain, ra), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

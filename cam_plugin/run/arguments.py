@@ -74,6 +74,9 @@ def add_run_parser(sub: Any, add_model_options: Callable[[argparse.ArgumentParse
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray actor")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--channels-last", action="store_true", help="channels_last model/images")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the forward (pays off on long runs)"
+    )
 
 
 def add_evaluate_parser(sub: Any) -> None:

@@ -94,6 +94,10 @@ class MapComputer:
         topk: classes per image for ``topk`` maps and boxes.
         threshold: box threshold, a fraction of each map's maximum.
         gt_width: maps reserved for ground-truth classes per image (``gt`` modes).
+        compile: run the features-and-logits forward through ``torch.compile`` (the
+            hook-free :class:`~cam_plugin.export.CAMModule` path compiles without graph
+            breaks; the first batch, and the first of each new batch size, pays the
+            compilation: worth it for long runs only, see ``docs/benchmarks-run.md``).
     """
 
     def __init__(
@@ -105,13 +109,17 @@ class MapComputer:
         topk: int,
         threshold: float,
         gt_width: int = 1,
+        compile: bool = False,
     ) -> None:
         from ..export import CAMModule
 
         self.module = CAMModule(model, topk=None, example=example)
         self.adapter = self.module.adapter
+        self.forward = self.module.features_and_logits
+        if compile:
+            self.forward = torch.compile(self.forward)
         with torch.inference_mode():
-            features, _ = self.module.features_and_logits(example)
+            features, _ = self.forward(example)
         self.head = self.adapter.fold(int(features.shape[1]))
         self.num_classes = self.head.num_classes
         self.map_size = (int(features.shape[-2]), int(features.shape[-1]))
@@ -187,7 +195,7 @@ class MapComputer:
     def __call__(self, images: Tensor, labels: Sequence[Sequence[int]]) -> BatchMaps:
         """The results of one batch of preprocessed images on the model's device."""
         with torch.inference_mode():
-            features, logits = self.module.features_and_logits(images)
+            features, logits = self.forward(images)
             if self.adapter.exact:
                 self.head.check_reproduces(features, logits, name=self.adapter.name)
             logits = logits.float()

@@ -79,6 +79,7 @@ class RunOptions:
     num_gpus: float = 0.0
     threads: Optional[int] = None
     channels_last: bool = False
+    compile: bool = False
     command: list[str] = dataclasses.field(default_factory=list)
 
     def check(self) -> None:
@@ -213,6 +214,7 @@ class RunContext:
                 topk=o.topk,
                 threshold=o.threshold,
                 gt_width=self.gt_width,
+                compile=o.compile,
             )
             if self.data.kind != "dataset":
                 self.computer.check_labels([i.labels for i in self.data.items])
@@ -347,6 +349,7 @@ def _write_run_json(ctx: RunContext, status: str, extra: dict[str, Any]) -> None
             "num_classes": c.num_classes if c else None,
         },
         "preprocessing": ctx.config.to_dict(),
+        "speed": {"channels_last": ctx.options.channels_last, "compile": ctx.options.compile},
         "data": {
             "kind": ctx.data.kind,
             "spec": ctx.options.data,
