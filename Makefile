@@ -73,7 +73,7 @@ typecheck:
 	$(BIN)/mypy cam_plugin integrations
 
 pytest:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=20
 
 docs:
 	$(BIN)/mkdocs build --strict -q

@@ -105,6 +105,91 @@ print(json.dumps({
 """
 
 
+OPTIONS = r"""
+import json, statistics, sys, time
+import torch
+from cam_plugin.images import decode_image
+from cam_plugin.models import load_model
+from cam_plugin.preprocess import DataConfig, Preprocess
+from cam_plugin.run.compute import MapComputer
+
+spec, listing, batch, threads, rounds = sys.argv[1:6]
+batch, rounds = int(batch), int(rounds)
+torch.set_num_threads(int(threads))
+model = load_model(spec).model.eval()
+pre = Preprocess(DataConfig.for_model(model))
+paths = open(listing).read().split()[: 2 * batch]
+x = torch.stack([pre(decode_image(p)).tensor for p in paths])
+last = x.contiguous(memory_format=torch.channels_last)
+kw = dict(targets="topk", topk=1, threshold=0.2)
+start = time.perf_counter()
+compiled = MapComputer(model, x[:batch], compile=True, **kw)
+compile_s = time.perf_counter() - start
+plain = MapComputer(model, x[:1], **kw)
+variants = {"plain": (plain, x), "compile": (compiled, x)}
+with torch.inference_mode():
+    compiled(x[:batch], [()] * batch)  # compiles the batch size (the example was batch-sized)
+model_cl = load_model(spec).model.eval().to(memory_format=torch.channels_last)
+variants["channels_last"] = (MapComputer(model_cl, last[:1], **kw), last)
+times = {k: [] for k in variants}
+with torch.inference_mode():
+    for r in range(rounds + 1):
+        for i in range(0, len(x), batch):
+            for name, (computer, data) in variants.items():
+                xb = data[i : i + batch]
+                s = time.perf_counter(); computer(xb, [()] * len(xb)); t = time.perf_counter() - s
+                if r:
+                    times[name].append(t)
+out = {k: 1000 * statistics.median(v) / batch for k, v in times.items()}
+out["compile_s"] = compile_s
+print(json.dumps(out))
+"""
+OPTIONS_MARKERS = ("<!-- run-options:start -->", "<!-- run-options:end -->")
+
+
+def options(listing: Path, model: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The compute step plain, ``--compile`` and ``--channels-last``, paired per batch."""
+    out = subprocess.run(
+        [sys.executable, "-c", OPTIONS, model, str(listing), str(args.batch_size)]
+        + [str(args.threads), str(args.rounds + 1)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, MPLBACKEND="Agg"),
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def options_section(args: argparse.Namespace) -> str:
+    """The opt-in speed options table (``--options``)."""
+    tmp = Path(tempfile.mkdtemp(prefix="cam-run-options-"))
+    try:
+        listing = tmp / "list.txt"
+        listing.write_text("\n".join(make_photos(tmp / "photos", 2 * args.batch_size)) + "\n")
+        rows = [(label, options(listing, model, args)) for label, model in MODELS.items()]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lines = [
+        OPTIONS_MARKERS[0],
+        f"Measured {date.today().isoformat()}, torch {torch.__version__}, {args.threads} "
+        f"threads, batch {args.batch_size}, median of {args.rounds} rounds over "
+        f"{2 * args.batch_size} images, the three variants alternating batch by batch "
+        f"(`python -m benchmarks.run_speed --options`); load average {os.getloadavg()[0]:.1f} "
+        "on the machine when it finished (above the thread count: absolute times inflated by "
+        "other work; the ratios are paired batch by batch):",
+        "",
+        "| model | compute step ms/img | `--channels-last` | `--compile` | compile once, s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, r in rows:
+        p = r["plain"]
+        lines.append(
+            f"| {label} | {p:.1f} | {r['channels_last']:.1f} ({p / r['channels_last']:.2f}x) "
+            f"| {r['compile']:.1f} ({p / r['compile']:.2f}x) | {r['compile_s']:.0f} |"
+        )
+    return "\n".join([*lines, OPTIONS_MARKERS[1]])
+
+
 def paired(listing: Path, model: str, args: argparse.Namespace) -> dict[str, Any]:
     """Forward vs the run's compute step on the same tensors, paired per batch."""
     out = subprocess.run(
@@ -210,13 +295,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-run.md"))
+    parser.add_argument(
+        "--options", action="store_true", help="only rewrite the --compile/--channels-last table"
+    )
     args = parser.parse_args()
+    if args.options:
+        doc = Path(args.out).read_text()
+        head, rest = doc.split(OPTIONS_MARKERS[0], 1)
+        tail = rest.split(OPTIONS_MARKERS[1], 1)[1]
+        Path(args.out).write_text(head + options_section(args) + tail)
+        print(f"wrote the options table of {args.out}")
+        return
     tmp = Path(tempfile.mkdtemp(prefix="cam-run-bench-"))
     try:
         rows, rss, sizes = run_all(tmp, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    Path(args.out).write_text(report(rows, rss, sizes, args))
+    Path(args.out).write_text(report(rows, rss, sizes, args, options_section(args)))
     print(f"wrote {args.out}")
 
 
@@ -255,7 +350,13 @@ def run_all(tmp: Path, args: argparse.Namespace) -> tuple[list[Any], list[Any], 
     return rows, rss, sizes
 
 
-def report(rows: list[Any], rss: list[Any], sizes: dict[str, Any], args: argparse.Namespace) -> str:
+def report(
+    rows: list[Any],
+    rss: list[Any],
+    sizes: dict[str, Any],
+    args: argparse.Namespace,
+    options_table: str,
+) -> str:
     lines = [
         "# `cam-plugin run`: speed, memory, bytes",
         "",
@@ -314,6 +415,16 @@ def report(rows: list[Any], rss: list[Any], sizes: dict[str, Any], args: argpars
         "`cam_plugin.run.runner.lower_priority`, so the forward's threads keep their cores), "
         "which bounds a light model such as EfficientNet-Lite0 at about "
         "`2·forward / (2·forward + decode)` of the bare forward before any other cost.",
+        "",
+        "## `--channels-last` and `--compile`",
+        "",
+        "Both are opt-in: the compute step (as above) with the model and images in channels_last "
+        "memory format, and with the hook-free forward through `torch.compile` (inductor; the "
+        "compilation is paid once per batch size, in the last column, so it pays off only on "
+        "runs of thousands of images). The maps equal the plain run's "
+        "(`tests/test_run.py::test_compile_and_channels_last_give_the_plain_runs_maps`).",
+        "",
+        options_table,
         "",
         "## Peak memory",
         "",
