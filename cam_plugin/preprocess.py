@@ -12,13 +12,21 @@ so a pixel ``(x, y)`` of the crop sits at ``((x + left) / s, (y + top) / s)`` in
 original image (:meth:`Prepared.to_original`). This is timm's evaluation transform for
 ``crop_mode="center"`` (Pillow resampling; 8-bit sources are resized as 8-bit RGB, deeper
 sources per channel in float32, so nothing is rounded to 8 bits before the model sees it).
+
+A HuggingFace image processor is preprocessing too: a ``DataConfig`` may carry one
+(``processor``, the JSON dict of its ``preprocessor_config.json``; :meth:`DataConfig.for_model`
+reads it for a transformers model loaded from a directory), and then :class:`Preprocess` runs
+that processor, with its own resize / crop geometry
+(:mod:`cam_plugin.integrations.hf_processor`; its resize may scale the two axes differently:
+``Prepared.scale_y``). :func:`as_transform` turns any accepted ``preprocess`` (a
+``DataConfig``, an image processor object, a callable) into ``DecodedImage -> Prepared``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -28,7 +36,7 @@ from torch import Tensor, nn
 from .errors import CAMInputError
 from .images import DecodedImage
 
-__all__ = ["DataConfig", "Prepared", "Preprocess"]
+__all__ = ["DataConfig", "Prepared", "Preprocess", "as_transform", "is_image_processor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +53,9 @@ _LUMA = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pil
 class DataConfig:
     """What the model expects: ``input_size`` ``(C, H, W)``, ``crop_pct``, ``interpolation``
     (a Pillow filter name), ``mean`` and ``std`` (one per channel, for values in ``[0, 1]``),
-    and where these came from (``source``)."""
+    and where these came from (``source``). ``processor``: the JSON dict of a HuggingFace
+    image processor (``preprocessor_config.json``) that does the preprocessing instead (the
+    other fields then describe it), or ``None``."""
 
     input_size: tuple[int, int, int] = (3, 224, 224)
     crop_pct: float = 0.875
@@ -53,6 +63,7 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     source: str = field(default="ImageNet defaults", compare=False)
+    processor: Optional[dict[str, Any]] = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         c = self.input_size[0]
@@ -68,7 +79,15 @@ class DataConfig:
     @classmethod
     def for_model(cls, model: nn.Module) -> DataConfig:
         """timm's ``resolve_data_config`` for models that carry a ``pretrained_cfg`` (when
-        timm is installed), otherwise ImageNet defaults at 224 px."""
+        timm is installed); for a transformers model loaded from a directory with a
+        ``preprocessor_config.json``, that image processor; an mmengine
+        ``data_preprocessor``'s mean / std; otherwise ImageNet defaults at 224 px."""
+        if type(model).__module__.startswith("transformers."):
+            from cam_plugin.integrations.hf_processor import processor_of_model
+
+            own = processor_of_model(model)
+            if own is not None:
+                return own
         if getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None):
             try:
                 from timm.data import resolve_data_config
@@ -101,6 +120,15 @@ class DataConfig:
         (``--input-size`` / ``--crop-pct``)."""
         from dataclasses import replace
 
+        if input_size is not None and input_size < 8:
+            raise CAMInputError(f"--input-size must be >= 8, got {input_size}")
+        if crop_pct is not None and not 0.0 < crop_pct <= 1.0:
+            raise CAMInputError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if self.processor is not None and (input_size is not None or crop_pct is not None):
+            from cam_plugin.integrations.hf_processor import data_config, load_processor, override
+
+            changed = load_processor(override(self.processor, input_size, crop_pct))
+            return data_config(changed, f"{self.source}, overridden on the command line")
         out = self
         if input_size is not None:
             if input_size < 8:
@@ -113,15 +141,19 @@ class DataConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready fields."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-ready fields (``processor`` only when there is one)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if out["processor"] is None:
+            del out["processor"]
+        return out
 
 
 @dataclass(frozen=True)
 class Prepared:
     """One preprocessed image: ``tensor`` ``(C, H, W)`` float32 for the model, ``picture``
     ``(H, W, 3)`` uint8 (the crop as a person sees it), ``original_size`` ``(h0, w0)`` and the
-    crop's geometry ``scale``, ``left``, ``top``."""
+    crop's geometry: ``scale`` (horizontal: resized width / ``w0``), ``left``, ``top``, and
+    ``scale_y`` (vertical, resized height / ``h0``; ``None``: the same as ``scale``)."""
 
     tensor: Tensor
     picture: np.ndarray
@@ -129,25 +161,62 @@ class Prepared:
     scale: float
     left: int
     top: int
+    scale_y: Optional[float] = None
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        """``(s_y, s_x)``: resized / original size along each axis."""
+        return (self.scale if self.scale_y is None else self.scale_y), self.scale
 
     def to_original(self, box: Sequence[float]) -> list[float]:
-        """An ``(x0, y0, x1, y1)`` box of the crop in original-image pixels (``(v + offset)
-        / scale``, rounded to 0.1)."""
+        """An ``(x0, y0, x1, y1)`` box of the crop in original-image pixels (``(x + left)
+        / s_x``, ``(y + top) / s_y``, rounded to 0.1)."""
         x0, y0, x1, y1 = (float(v) for v in box)
-        s = self.scale
+        sy, sx = self.scales
         return [
-            round((x0 + self.left) / s, 1),
-            round((y0 + self.top) / s, 1),
-            round((x1 + self.left) / s, 1),
-            round((y1 + self.top) / s, 1),
+            round((x0 + self.left) / sx, 1),
+            round((y0 + self.top) / sy, 1),
+            round((x1 + self.left) / sx, 1),
+            round((y1 + self.top) / sy, 1),
         ]
 
 
+def is_image_processor(value: Any) -> bool:
+    """True for a HuggingFace ``transformers`` image processor object."""
+    module = type(value).__module__
+    return module.startswith("transformers.") and callable(getattr(value, "preprocess", None))
+
+
+def as_transform(preprocess: Any) -> Callable[[DecodedImage], Prepared]:
+    """``DecodedImage -> Prepared`` for a ``preprocess`` argument: a :class:`DataConfig`
+    (:class:`Preprocess`), a transformers image processor
+    (:class:`cam_plugin.integrations.hf_processor.ProcessorPreprocess`), or a callable that
+    already is one."""
+    if isinstance(preprocess, DataConfig):
+        return Preprocess(preprocess)
+    if is_image_processor(preprocess):
+        from cam_plugin.integrations.hf_processor import ProcessorPreprocess
+
+        return ProcessorPreprocess(preprocess)
+    if callable(preprocess):
+        return preprocess  # type: ignore[no-any-return]
+    raise CAMInputError(
+        "preprocess must be 'auto', None, a cam_plugin.preprocess.DataConfig, a transformers "
+        f"image processor or a callable DecodedImage -> Prepared; got {type(preprocess).__name__}"
+    )
+
+
 class Preprocess:
-    """``Preprocess(config)(decoded) -> Prepared``: the module's resize, crop and normalize."""
+    """``Preprocess(config)(decoded) -> Prepared``: the module's resize, crop and normalize
+    (or, when ``config.processor`` is set, that HuggingFace image processor)."""
 
     def __init__(self, config: DataConfig) -> None:
         self.config = config
+        self.processor: Optional[Callable[[DecodedImage], Prepared]] = None
+        if config.processor is not None:
+            from cam_plugin.integrations.hf_processor import ProcessorPreprocess, load_processor
+
+            self.processor = ProcessorPreprocess(load_processor(config.processor))
         self.resample = _RESAMPLE.get(config.interpolation, Image.Resampling.BILINEAR)
         self.mean = np.asarray(config.mean, dtype=np.float32)
         self.std = np.asarray(config.std, dtype=np.float32)
@@ -161,6 +230,8 @@ class Preprocess:
         return scale, size, (size[0] - width) // 2, (size[1] - height) // 2
 
     def __call__(self, image: DecodedImage) -> Prepared:
+        if self.processor is not None:
+            return self.processor(image)
         h0, w0 = image.size
         _, height, width = self.config.input_size
         scale, size, left, top = self.geometry(h0, w0)

@@ -292,3 +292,214 @@ def test_hf_integration_loads_lazily() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_cam_input_size_reaches_the_hf_probe() -> None:
+    """``CAM(model, input_size=...)``: the probe of ``cam.resolve()`` (no example) runs at
+    that size, not the config's ``image_size``."""
+    model = build("SwinForImageClassification", "SwinConfig", **dict(_SWIN, image_size=32))
+    cam = cp.CAM(model, input_size=(3, 48, 48))
+    cam.resolve()
+    assert cam.adapter.input_size == (3, 48, 48)
+    res = cam(images(1, 48))
+    assert res.maps.shape[-2:] == (6, 6)  # 48 px / patch 4 / one merge
+
+
+# -- image processors: the model's own preprocessing and the way back ----------------------
+PHOTO_HW = (60, 100)  # non-square: short side is the height
+
+
+def _photo(seed: int = 0) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (*PHOTO_HW, 3), dtype=np.uint8)
+
+
+# (processor class, kwargs, (resized h, w), (crop h, w)) -- the sizes computed by hand for a
+# 60 x 100 photo from each processor's documented resize / crop:
+PROCESSORS = [
+    # ConvNeXt: short side int(64 / 0.875) = 73, long int(73 * 100 / 60) = 121; crop 64
+    (
+        "ConvNextImageProcessor",
+        dict(size={"shortest_edge": 64}, crop_pct=0.875),
+        (73, 121),
+        (64, 64),
+    ),
+    # ConvNeXt at >= 384 warps to a square (no crop)
+    ("ConvNextImageProcessor", dict(size={"shortest_edge": 384}), (384, 384), (384, 384)),
+    # ViT-style size + crop_size (BEiT): warp to 80 x 96, crop 64
+    (
+        "BeitImageProcessor",
+        dict(size={"height": 80, "width": 96}, crop_size={"height": 64, "width": 64}),
+        (80, 96),
+        (64, 64),
+    ),
+    # BiT / DINOv2: short side 72 (long int(72 * 100 / 60) = 120), crop 64
+    (
+        "BitImageProcessor",
+        dict(size={"shortest_edge": 72}, crop_size={"height": 64, "width": 64}),
+        (72, 120),
+        (64, 64),
+    ),
+    # ViT / Swin: a plain resize, both axes scaled differently
+    ("ViTImageProcessor", dict(size={"height": 48, "width": 64}), (48, 64), (48, 64)),
+]
+
+
+def _processed_by_hand(
+    photo: Any, processor: Any, resized: tuple[int, int], crop: tuple[int, int]
+) -> Tensor:
+    """Pillow resize to ``resized``, centre crop ``(r - c) // 2``, rescale, normalize."""
+    import numpy as np
+    from PIL import Image
+
+    (rh, rw), (ch, cw) = resized, crop
+    top, left = (rh - ch) // 2, (rw - cw) // 2
+    pic = Image.fromarray(photo).resize((rw, rh), Image.Resampling(int(processor.resample)))
+    x = np.asarray(pic.crop((left, top, left + cw, top + ch)), np.float32) / 255.0
+    mean = np.asarray(processor.image_mean, np.float32)
+    x = ((x - mean) / np.asarray(processor.image_std, np.float32)).astype(np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, resized, crop", PROCESSORS, ids=[f"{p[0]}-{p[2][0]}" for p in PROCESSORS]
+)
+def test_image_processor_preprocess_and_to_original_within_a_pixel(
+    name: str, kwargs: dict[str, Any], resized: tuple[int, int], crop: tuple[int, int]
+) -> None:
+    """``CAM(model, preprocess=processor)`` on a non-square photo: the input is the
+    processor's (equal to a by-hand Pillow resize + centre crop), the maps equal the tensor
+    path, and a square marked on the input lands on the photo where the by-hand geometry
+    puts it (within a pixel)."""
+    from dataclasses import replace
+
+    processor = getattr(transformers, name)(**kwargs)
+    model = build("ResNetForImageClassification", "ResNetConfig", embedding_size=8, **_STAGES)
+    photo = _photo()
+    x = _processed_by_hand(photo, processor, resized, crop)[None]
+    cam: Any = cp.CAM(model, preprocess=processor)
+    res = cam(photo, targets="all")
+    torch.testing.assert_close(res.maps, cam(x, targets="all").maps, rtol=1e-4, atol=1e-4)
+    assert res.originals is not None
+    prepared = res.originals[0]
+    (rh, rw), (ch, cw) = resized, crop
+    top, left = (rh - ch) // 2, (rw - cw) // 2
+    sy, sx = rh / PHOTO_HW[0], rw / PHOTO_HW[1]
+    assert (prepared.top, prepared.left) == (top, left)
+    assert prepared.scales == pytest.approx((sy, sx))
+    up = res.upsample(placement="bilinear")
+    marked = torch.zeros_like(up.maps)
+    y0, y1, x0, x1 = ch // 4, ch // 2, cw // 4, cw // 2  # crop pixels [y0, y1) x [x0, x1)
+    marked[..., y0:y1, x0:x1] = 1.0
+    on_photo = replace(up, maps=marked).to_original(fill=-1.0)[0][0]
+    assert on_photo.shape == PHOTO_HW
+    ys, xs = torch.nonzero(on_photo > 0.5, as_tuple=True)
+    assert abs(int(xs.min()) - (x0 + left) / sx) <= 1
+    assert abs(int(xs.max()) + 1 - (x1 + left) / sx) <= 1
+    assert abs(int(ys.min()) - (y0 + top) / sy) <= 1
+    assert abs(int(ys.max()) + 1 - (y1 + top) / sy) <= 1
+    box = prepared.to_original([x0, y0, x1, y1])
+    want = [(x0 + left) / sx, (y0 + top) / sy, (x1 + left) / sx, (y1 + top) / sy]
+    assert max(abs(a - b) for a, b in zip(box, want)) <= 0.1
+
+
+def test_model_from_a_directory_uses_its_image_processor(tmp_path: Any) -> None:
+    """A model loaded from a directory with a ``preprocessor_config.json``: ``"auto"``
+    preprocessing is that processor (as timm's data config is for timm models); the
+    config carries it as JSON, so it rebuilds the same preprocessing; ``--input-size`` /
+    ``--crop-pct`` overrides edit the processor; a processor whose resize is not modelled is
+    refused with what to do."""
+    from cam_plugin.preprocess import DataConfig, Preprocess
+
+    model: Any = build("ResNetForImageClassification", "ResNetConfig", embedding_size=8, **_STAGES)
+    model.save_pretrained(tmp_path)
+    processor = transformers.ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875)
+    processor.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    config = DataConfig.for_model(loaded)
+    assert config.processor is not None and config.input_size == (3, 64, 64)
+    assert "preprocessor_config.json" in config.source
+    photo = _photo(1)
+    auto = cp.CAM(loaded)(photo, targets="all")  # type: ignore[arg-type]
+    given = cp.CAM(loaded, preprocess=processor)(photo, targets="all")  # type: ignore[arg-type]
+    torch.testing.assert_close(auto.maps, given.maps)
+    fields: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in config.to_dict().items()
+    }
+    again = DataConfig(**fields)
+    from cam_plugin.images import decode_array
+
+    a, b = Preprocess(config)(decode_array(photo)), Preprocess(again)(decode_array(photo))
+    torch.testing.assert_close(a.tensor, b.tensor)
+    bigger = config.with_overrides(input_size=48, crop_pct=1.0)
+    assert bigger.input_size == (3, 48, 48) and bigger.processor is not None
+    assert Preprocess(bigger)(decode_array(photo)).tensor.shape == (3, 48, 48)
+    vit = DataConfig.for_model(loaded)  # unchanged by the override
+    assert vit.input_size == (3, 64, 64)
+    with pytest.raises(cp.CAMInputError, match="LevitImageProcessor.*DataConfig"):
+        cp.CAM(loaded, preprocess=transformers.LevitImageProcessor())(photo)  # type: ignore[arg-type]
+
+
+def test_fast_processors_geometry_equals_a_by_hand_torchvision_resize_and_crop() -> None:
+    """The torchvision-based ``*Fast`` processors round the crop offset
+    (``int(round((r - c) / 2))``: 11 -> 6, where the slow ones take 5): the input equals a
+    by-hand torchvision resize + crop at the geometry cam-plugin records."""
+    import numpy as np
+    from cam_plugin.integrations.hf_processor import ProcessorPreprocess, processor_geometry
+
+    from cam_plugin.images import decode_array
+
+    tv = pytest.importorskip("torchvision.transforms.v2.functional")
+
+    photo = np.random.default_rng(0).integers(0, 256, (61, 107, 3), dtype=np.uint8)
+    cases = [
+        (transformers.ConvNextImageProcessorFast(size={"shortest_edge": 64}), (73, 128), 4, 32),
+        (
+            transformers.CLIPImageProcessorFast(
+                size={"shortest_edge": 70}, crop_size={"height": 59, "width": 59}
+            ),
+            (70, 122),
+            6,
+            32,
+        ),
+    ]
+    for processor, resized, top, left in cases:
+        geo = processor_geometry(processor, 61, 107)
+        assert (geo.resized, geo.top, geo.left) == (resized, top, left)
+        mode = {2: tv.InterpolationMode.BILINEAR, 3: tv.InterpolationMode.BICUBIC}
+        t = tv.resize(
+            torch.from_numpy(photo).permute(2, 0, 1),
+            list(resized),
+            interpolation=mode[int(processor.resample)],
+            antialias=True,
+        )
+        (h, w) = geo.output
+        crop = t[:, top : top + h, left : left + w].float() / 255.0
+        mean = torch.tensor(processor.image_mean)[:, None, None]
+        want = (crop - mean) / torch.tensor(processor.image_std)[:, None, None]
+        got = ProcessorPreprocess(processor)(decode_array(photo)).tensor
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_input_size_and_crop_pct_overrides_edit_the_processor() -> None:
+    """``--input-size`` / ``--crop-pct`` on a processor's config: the crop becomes the
+    input size, the resize follows (scaled, or crop / crop_pct); a processor that does not
+    crop refuses ``crop_pct``."""
+    from cam_plugin.integrations.hf_processor import data_config
+
+    bit = transformers.BitImageProcessor(
+        size={"shortest_edge": 72}, crop_size={"height": 64, "width": 64}
+    )
+    config = data_config(bit, "test")
+    smaller = config.with_overrides(input_size=48)
+    assert smaller.input_size == (3, 48, 48) and smaller.processor is not None
+    assert smaller.processor["size"] == {"shortest_edge": 54}
+    assert smaller.processor["crop_size"] == {"height": 48, "width": 48}
+    wide = config.with_overrides(crop_pct=0.5)
+    assert wide.processor is not None and wide.processor["size"] == {"shortest_edge": 128}
+    vit = data_config(transformers.ViTImageProcessor(size={"height": 48, "width": 64}), "t")
+    assert vit.input_size == (3, 48, 64)
+    assert vit.with_overrides(input_size=32).input_size == (3, 32, 32)
+    with pytest.raises(cp.CAMInputError, match="does not centre-crop"):
+        vit.with_overrides(crop_pct=0.5)
