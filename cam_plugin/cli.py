@@ -41,10 +41,18 @@ from typing import Any, NoReturn, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import AdapterNotFoundError, CAMInputError, UnsupportedHeadError
 from .inputs import ImageBatch, ImageItem, collect_images, picture_names, skimage_photos
-from .models import DEFAULT_MODEL, LoadedModel, check_device, class_names, parse_model_kwargs
+from .models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    check_device,
+    class_names,
+    model_num_classes,
+    parse_model_kwargs,
+)
 
 __all__ = [
     "EXIT_ERROR",
@@ -159,8 +167,14 @@ def _load(args: argparse.Namespace, device: torch.device) -> LoadedModel:
 class _Report:
     """Pictures, records, failures and the overview of one ``explain`` run."""
 
-    def __init__(self, out: Path, items: Sequence[ImageItem], args: argparse.Namespace) -> None:
-        self.out, self.items, self.args = out, list(items), args
+    def __init__(
+        self,
+        out: Path,
+        items: Sequence[ImageItem],
+        args: argparse.Namespace,
+        model: Optional[nn.Module] = None,
+    ) -> None:
+        self.out, self.items, self.args, self.model = out, list(items), args, model
         self.pngs = picture_names([i.name for i in self.items], reserved=RESERVED)
         self.records: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
@@ -177,7 +191,7 @@ class _Report:
 
         args = self.args
         if not self.names:
-            self.names = class_names(int(res.logits.shape[1]))
+            self.names = class_names(int(res.logits.shape[1]), self.model)
         up = res.upsample().normalize()
         boxes, probs = up.boxes(args.threshold).cpu(), res.probabilities.cpu()
         for i, sample in enumerate(batch.samples):
@@ -294,7 +308,7 @@ def explain(args: argparse.Namespace) -> int:
     config = DataConfig.for_model(loaded.model)
     from . import viz  # noqa: F401 - load the drawing code before the first image, not after
 
-    report = _Report(out, items, args)
+    report = _Report(out, items, args, loaded.model)
     summary = {
         "command": ["cam-plugin", *sys.argv[1:]],
         **loaded.describe(),
@@ -304,8 +318,8 @@ def explain(args: argparse.Namespace) -> int:
         "box_original in the original image",
         "exit_codes": {"0": "all explained", "3": "some inputs could not be read"},
     }
-    num = getattr(loaded.model, "num_classes", None)
-    topk = min(args.topk, num) if isinstance(num, int) and num > 0 else args.topk
+    num = model_num_classes(loaded.model)
+    topk = args.topk if num is None else min(args.topk, num)
     complete = False
     try:
         cam = CAM(loaded.model)

@@ -49,6 +49,7 @@ __all__ = [
     "check_device",
     "class_names",
     "hf_source",
+    "model_num_classes",
     "load_model",
     "parse_model_kwargs",
 ]
@@ -310,8 +311,27 @@ def load_model(
     return loaded
 
 
-def class_names(num_classes: int) -> list[str]:
-    """ImageNet-1k descriptions for 1000 classes (when timm is installed), else the indices."""
+def model_num_classes(model: nn.Module) -> Optional[int]:
+    """The classes a model declares: timm / torchvision-style ``num_classes``, or a
+    transformers config's ``num_labels``; ``None`` when it declares none."""
+    for value in (
+        getattr(model, "num_classes", None),
+        getattr(getattr(model, "config", None), "num_labels", None),
+    ):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def class_names(num_classes: int, model: Optional[nn.Module] = None) -> list[str]:
+    """The model's own label names when it has a complete table for ``num_classes`` (a
+    transformers config's ``id2label`` other than the ``LABEL_i`` placeholders), else
+    ImageNet-1k descriptions for 1000 classes (when timm is installed), else the indices."""
+    labels = getattr(getattr(model, "config", None), "id2label", None)
+    if isinstance(labels, dict) and len(labels) == num_classes:
+        named = [str(labels.get(i, labels.get(str(i), i))) for i in range(num_classes)]
+        if named != [f"LABEL_{i}" for i in range(num_classes)]:
+            return named
     if num_classes == 1000:
         try:
             from cam_plugin.integrations.timm import imagenet_class_names

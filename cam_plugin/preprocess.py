@@ -36,7 +36,14 @@ from torch import Tensor, nn
 from .errors import CAMInputError
 from .images import DecodedImage
 
-__all__ = ["DataConfig", "Prepared", "Preprocess", "as_transform", "is_image_processor"]
+__all__ = [
+    "DataConfig",
+    "Prepared",
+    "Preprocess",
+    "as_transform",
+    "box_to_original",
+    "is_image_processor",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -170,15 +177,24 @@ class Prepared:
 
     def to_original(self, box: Sequence[float]) -> list[float]:
         """An ``(x0, y0, x1, y1)`` box of the crop in original-image pixels (``(x + left)
-        / s_x``, ``(y + top) / s_y``, rounded to 0.1)."""
-        x0, y0, x1, y1 = (float(v) for v in box)
+        / s_x``, ``(y + top) / s_y``, rounded to 0.1; :func:`box_to_original`)."""
         sy, sx = self.scales
-        return [
-            round((x0 + self.left) / sx, 1),
-            round((y0 + self.top) / sy, 1),
-            round((x1 + self.left) / sx, 1),
-            round((y1 + self.top) / sy, 1),
-        ]
+        out = box_to_original(box, sx, self.left, self.top, scale_y=sy)
+        return [round(float(v), 1) for v in out]
+
+
+def box_to_original(
+    boxes: Any, scale: float, left: float, top: float, scale_y: Optional[float] = None
+) -> np.ndarray:
+    """Continuous boxes ``(..., 4)`` ``(x0, y0, x1, y1)`` of the model's input on the original
+    picture: ``x → (x + left) / s_x``, ``y → (y + top) / s_y`` with ``s_x = scale`` and
+    ``s_y = scale_y`` (default ``scale``): the inverse of the preprocessing's resize by
+    ``(s_y, s_x)`` then crop at ``(left, top)`` (:class:`Prepared`). float64, not clipped."""
+    b = np.asarray(boxes, dtype=np.float64)
+    sy = float(scale if scale_y is None else scale_y)
+    shift = np.asarray([left, top, left, top], dtype=np.float64)
+    factor = np.asarray([scale, sy, scale, sy], dtype=np.float64)
+    return (b + shift) / factor
 
 
 def is_image_processor(value: Any) -> bool:

@@ -15,6 +15,7 @@ the paper's figure.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from .errors import CAMInputError
 from .heads import FoldedHead
 
-__all__ = ["UnitRanking", "UnitResult", "rank_units", "unit_maps"]
+__all__ = ["UnitRanking", "UnitResult", "class_units", "rank_units", "unit_maps"]
 
 UnitRanking = Literal["contribution", "weight"]
 
@@ -98,3 +99,23 @@ def rank_units(
         maps=maps * valid[..., None, None],
         total=contrib.sum(dim=2) * valid[..., 0],
     )
+
+
+def class_units(head: FoldedHead, classes: Sequence[int] | Tensor, *, top: int = 5) -> Tensor:
+    """``(n, top)`` the ``top`` units of each of the ``n`` ``classes``, ranked by their class
+    weight ``W'_ck`` (largest first; the paper's per-class ranking, independent of any
+    image). Ties go to the lower unit index.
+
+    Raises:
+        CAMInputError: ``top`` not a positive int, a class out of ``0..C-1``.
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise CAMInputError(f"top must be a positive int, got {top!r}")
+    cls = torch.as_tensor(classes, dtype=torch.long).reshape(-1).cpu()
+    c = head.num_classes
+    if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= c):
+        raise CAMInputError(f"classes must be in 0..{c - 1}, got {cls.tolist()}")
+    w = head.weight.detach().float().cpu()[cls]  # (n, K)
+    n = min(top, w.shape[1])
+    # stable sort on the descending weight: equal weights keep the lower unit first
+    return torch.sort(-w, dim=1, stable=True).indices[:, :n]

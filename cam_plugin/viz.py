@@ -40,6 +40,7 @@ __all__ = [
     "overlay",
     "probe_strip",
     "to_uint8_image",
+    "unit_patches_picture",
 ]
 
 ArrayLike = Union[np.ndarray, Tensor, Image.Image]
@@ -363,3 +364,61 @@ def _scale_box(box: Tensor, src_hw: Any, dst_hw: tuple[int, int]) -> list[float]
     sx = dst_hw[1] / float(src_hw[1])
     x0, y0, x1, y1 = (float(v) for v in box)
     return [x0 * sx, y0 * sy, (x1 + 1) * sx - 1, (y1 + 1) * sy - 1]
+
+
+def _text_panel(text: str, height: int, width: int) -> np.ndarray:
+    """``(height, width, 3)`` white panel with ``text`` (lines) in black at the top-left."""
+    pil = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(pil).multiline_text((3, 2), text, fill=(0, 0, 0), spacing=2)
+    return np.asarray(pil)
+
+
+def _fit(picture: ArrayLike, size: tuple[int, int]) -> np.ndarray:
+    """``picture`` resized (bilinear) to ``size`` ``(H, W)``."""
+    pil = Image.fromarray(to_uint8_image(picture))
+    return np.asarray(pil.resize((size[1], size[0]), Image.Resampling.BILINEAR))
+
+
+def unit_patches_picture(
+    title: str,
+    rows: Sequence[tuple[str, Sequence[ArrayLike]]],
+    *,
+    patch: int = 64,
+    label_width: int = 96,
+    side: Optional[ArrayLike] = None,
+) -> np.ndarray:
+    """The paper's Sec. 5 figure for one class: one row per unit (its label, then its top
+    patches over a data set, best first), a ``title`` band on top and, optionally, a
+    ``side`` picture (e.g. the class's CAM on an image) on the left at the rows' height.
+
+    Args:
+        title: the class (name, index), written on top.
+        rows: ``(label, patches)`` per unit, in rank order (label lines split on ``\\n``);
+            each patch any picture :func:`to_uint8_image` takes, shown at ``patch x patch``;
+            shorter rows are padded with white.
+        patch: side of every patch in pixels.
+        label_width: width of the label column.
+        side: a picture drawn left of the rows, scaled to their total height.
+
+    Returns:
+        ``(H, W, 3)`` uint8 array.
+    """
+    if not rows:
+        raise CAMInputError("unit_patches_picture needs at least one unit row")
+    if patch < 4:
+        raise CAMInputError(f"patch must be >= 4 pixels, got {patch}")
+    width = max(len(p) for _, p in rows)
+    blank = np.full((patch, patch, 3), 255, np.uint8)
+    lines = []
+    for label, patches in rows:
+        cells = [_fit(p, (patch, patch)) for p in patches]
+        cells += [blank] * (width - len(cells))
+        lines.append(hstack([_text_panel(label, patch, label_width), *cells]))
+    gap = np.full((2, lines[0].shape[1], 3), 255, np.uint8)
+    grid = np.concatenate([x for line in lines for x in (line, gap)][:-1], axis=0)
+    if side is not None:
+        pic = to_uint8_image(side)
+        h = grid.shape[0]
+        grid = hstack([_fit(pic, (h, max(1, round(pic.shape[1] * h / pic.shape[0])))), grid], 4)
+    band = _text_panel(title, 14, grid.shape[1])
+    return np.concatenate([band, grid], axis=0)

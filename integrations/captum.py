@@ -18,6 +18,12 @@ layer times ``h·w``: the gradient of ``S_c = Σ_k w_ck mean_xy f_k + b_c`` with
     cam = ClassActivationMap(model)                     # the layer is found by the registry
     attr = cam.attribute(images, target=None)           # (N, 1, h, w), predicted classes
     up = cam.attribute(images, target=3, upsample=True) # (N, 1, H, W)
+    why = cam.attribute(images, target=(967, 968))      # M_c − M_c': espresso, not cup
+
+Contrastive targets: a pair ``(c, c')`` (or one pair per example, or an ``(N, 2)`` tensor)
+gives ``M_c − M_c'``, which decomposes the logit margin exactly:
+``mean_xy (M_c − M_c') = S_c − S_c' − (b'_c − b'_c')`` (``contrast="second"`` contrasts
+each target with its highest-logit other class, as :class:`cam_plugin.CAM` does).
 """
 
 from __future__ import annotations
@@ -39,11 +45,14 @@ from cam_plugin.discovery import expected_channels
 from cam_plugin.errors import CAMInputError, UnsupportedHeadError
 from cam_plugin.hooks import CaptureKind, FeatureCapture
 from cam_plugin.registry import resolve
+from cam_plugin.targets import Contrast, contrast_classes
 
-__all__ = ["CaptumTarget", "ClassActivationMap", "target_classes"]
+__all__ = ["CaptumTarget", "ClassActivationMap", "target_classes", "target_pairs"]
 
 #: what Captum's ``TargetType`` accepts: an int, a tuple of ints, a tensor, a list of ints
-#: or a list of tuples (``None``: each example's predicted class).
+#: or a list of tuples (``None``: each example's predicted class). A two-element tuple
+#: ``(c, c')``, a list of them or an ``(N, 2)`` tensor are contrast pairs
+#: (:func:`target_pairs`).
 CaptumTarget = Union[None, int, tuple[int, ...], Tensor, list[int], list[tuple[int, ...]]]
 
 _PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
@@ -63,7 +72,8 @@ def _index(value: Any, where: str) -> int:
             raise CAMInputError(
                 f"{where} is the tuple {value!r}: a tuple indexes the dimensions of the "
                 f"output after the batch, and a classifier's logits are (N, C), so it must "
-                f"have exactly one element, the class (e.g. ({value[0] if value else 0},))"
+                f"have exactly one element, the class (e.g. ({value[0] if value else 0},)), "
+                "or, as a whole target, two: a contrast pair (c, c') for M_c − M_c'"
             )
         return _index(value[0], where)
     try:
@@ -148,6 +158,64 @@ def target_classes(target: CaptumTarget, logits: Tensor) -> Tensor:
             f"(valid: 0..{num_classes - 1})"
         )
     return classes
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 2
+
+
+def target_pairs(target: CaptumTarget, logits: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """``(classes, others)``: the class ``c`` of every example and, for contrast targets, the
+    class ``c'`` it is contrasted with (``None`` for plain targets).
+
+    Contrast targets (each gives the map ``M_c − M_c'``):
+
+    * a pair ``(c, c')``: the same pair for every example;
+    * a list of ``N`` pairs: one per example;
+    * an ``(N, 2)`` integer tensor: row ``i`` is example ``i``'s pair.
+
+    Anything else is a plain target (:func:`target_classes`).
+
+    Raises:
+        CAMInputError: a class out of range, ``c == c'``, a list mixing pairs and classes,
+            a number of pairs that is not ``N``.
+    """
+    batch, num_classes = int(logits.shape[0]), int(logits.shape[1])
+    device = logits.device
+    if _is_pair(target):
+        pair = [_index(v, f"target[{j}]") for j, v in enumerate(target)]  # type: ignore[arg-type]
+        both = torch.tensor(pair, dtype=torch.long, device=device).expand(batch, 2)
+    elif isinstance(target, list) and any(_is_pair(t) for t in target):
+        if not all(_is_pair(t) for t in target):
+            raise CAMInputError(
+                "target mixes contrast pairs (c, c') with single classes: give a pair for "
+                "every example, or a class for every example"
+            )
+        if len(target) != batch:
+            raise CAMInputError(f"target has {len(target)} pairs but the batch has {batch}")
+        items: list[Any] = list(target)
+        rows = [
+            [_index(v, f"target[{i}][{j}]") for j, v in enumerate(t)] for i, t in enumerate(items)
+        ]
+        both = torch.tensor(rows, dtype=torch.long, device=device)
+    elif isinstance(target, Tensor) and target.dim() == 2 and target.shape[1] == 2:
+        if target.is_floating_point() or target.dtype == torch.bool or target.shape[0] != batch:
+            raise CAMInputError(
+                f"a contrast target tensor must be ({batch}, 2) integers, got "
+                f"{tuple(target.shape)} of {target.dtype}"
+            )
+        both = target.to(device=device, dtype=torch.long)
+    else:
+        return target_classes(target, logits), None
+    if both.numel() and (int(both.min()) < 0 or int(both.max()) >= num_classes):
+        bad = int(both[(both < 0) | (both >= num_classes)][0])
+        raise CAMInputError(
+            f"target {bad} is out of range: the model has {num_classes} classes "
+            f"(valid: 0..{num_classes - 1})"
+        )
+    if bool((both[:, 0] == both[:, 1]).any()):
+        raise CAMInputError("a contrast pair (c, c') needs two different classes: M_c − M_c = 0")
+    return both[:, 0], both[:, 1]
 
 
 def _format_additional(args: Any) -> tuple[Any, ...]:
@@ -429,6 +497,7 @@ class ClassActivationMap(LayerAttribution):
         attribute_to_layer_input: bool = False,
         relu_attributions: bool = False,
         upsample: bool = False,
+        contrast: Contrast = None,
     ) -> Union[Tensor, tuple[Tensor]]:
         """Class activation maps of the target classes, ``N x 1 x h x w``.
 
@@ -438,7 +507,9 @@ class ClassActivationMap(LayerAttribution):
         Args:
             inputs: ``(N, C, H, W)`` images, or a tuple holding that one tensor.
             target: Captum's ``TargetType`` (see :func:`target_classes`); ``None`` gives each
-                example's predicted class.
+                example's predicted class. A contrast pair ``(c, c')`` (one for all, a list
+                of ``N`` pairs, or an ``(N, 2)`` tensor; :func:`target_pairs`) gives
+                ``M_c − M_c'``, with ``mean_xy (M_c − M_c') = S_c − S_c' − (b'_c − b'_c')``.
             additional_forward_args: passed to ``forward_func`` after the inputs (a tuple for
                 several arguments).
             attribute_to_layer_input: read the feature map from the layer's input instead of
@@ -450,6 +521,9 @@ class ClassActivationMap(LayerAttribution):
                 a weightless copy of the model, :func:`cam_plugin.tracing.placement_of`),
                 plain bilinear (``align_corners=False``) where it cannot be traced. For plain
                 bilinear use ``LayerAttribution.interpolate(attr, (H, W))``.
+            contrast: contrast every (plain) target ``c`` with ``"second"`` (its
+                highest-logit other class), a class, or one class per example
+                (:func:`cam_plugin.targets.contrast_classes`); not with pair targets.
 
         Returns:
             ``N x 1 x h x w`` (or ``N x 1 x H x W``) float tensor, without autograd history;
@@ -473,14 +547,28 @@ class ClassActivationMap(LayerAttribution):
                     "underlying model as forward_func"
                 )
             hw = (int(images.shape[-2]), int(images.shape[-1]))
+            others: list[Optional[Tensor]] = []
+
+            def select(logits: Tensor) -> Tensor:
+                classes, other = target_pairs(target, logits)
+                if contrast is not None:
+                    if other is not None:
+                        raise CAMInputError("give contrast pairs in target or contrast=, not both")
+                    other = contrast_classes(contrast, logits, classes[:, None])[:, 0]
+                others.append(other)
+                return classes[:, None]
+
             step = adapter.maps_from_capture(
                 captured,
                 _logits_source(output, batch, adapter, self._forward_is_model),
                 input_hw=hw,
-                select=lambda logits: target_classes(target, logits)[:, None],
+                select=select,
                 verify=self.verify and self._forward_is_model,
             )
             maps = step.maps
+            if others and others[-1] is not None:
+                other_maps = step.head.maps(step.features, others[-1][:, None])
+                maps = maps - other_maps.to(maps.dtype)
             if upsample:
                 maps = _upsample(maps, images, self.model, adapter)
             if relu_attributions:

@@ -110,3 +110,48 @@ def test_hf_model_spec_mistakes_are_one_line(
     assert main([*args, "--model", f"hf:{hf_dir / 'photos'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "transformers cannot load an image classifier" in err[0], err
+
+
+def test_a_warping_processor_maps_boxes_back_per_axis(hf_dir: Path) -> None:
+    """A ViT-style processor resizes every photo to 64 x 64 (the aspect ratio changes): the
+    manifest's boxes are the input boxes scaled back by w0 / 64 in x and h0 / 64 in y."""
+    import shutil
+
+    from cam_plugin.run import image_placement, maps_on_image, read_maps, run_placement
+
+    model_dir = hf_dir / "warp-model"
+    shutil.copytree(hf_dir / "model", model_dir, dirs_exist_ok=True)
+    (model_dir / "preprocessor_config.json").unlink()
+    vit = transformers.ViTImageProcessor(size={"height": 64, "width": 64})
+    vit.save_pretrained(model_dir)
+    out = hf_dir / "warp-run"
+    args = ["run", "--data", str(hf_dir / "photos"), "--out", str(out), "--workers", "0"]
+    assert main([*args, "--model", f"hf:{model_dir}"]) == 0
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    placement = run_placement(out)
+    for row in rows:
+        h0, w0 = row["height"], row["width"]
+        assert row["scale"] == pytest.approx(64 / w0) and row["scale_y"] == pytest.approx(64 / h0)
+        for (x0, y0, x1, y1), box in zip(row["boxes_input"], row["boxes"]):
+            by_hand = [x0 * w0 / 64, y0 * h0 / 64, (x1 + 1) * w0 / 64, (y1 + 1) * h0 / 64]
+            np.testing.assert_allclose(box, by_hand, atol=0.01)
+        # on the original image, cell i is centred at (o + s·i + 0.5)·w0/64 − 0.5 (y: h0)
+        where = image_placement(placement, row["scale"], row["left"], row["top"], row["scale_y"])
+        (oy, ox), (sy, sx) = placement.offset, placement.stride
+        assert where.offset == pytest.approx(
+            ((oy + 0.5) * h0 / 64 - 0.5, (ox + 0.5) * w0 / 64 - 0.5)
+        )
+        assert where.stride == pytest.approx((sy * h0 / 64, sx * w0 / 64))
+        maps = read_maps(out, row)
+        assert tuple(maps_on_image(maps, row, placement).shape) == (len(maps), h0, w0)
+
+
+def test_class_names_and_count_come_from_the_hf_config(hf_dir: Path) -> None:
+    from cam_plugin.models import class_names, model_num_classes
+
+    model = _model(hf_dir)
+    assert model_num_classes(model) == 6
+    assert class_names(6, model) == [str(i) for i in range(6)]  # LABEL_i placeholders
+    model.config.id2label = {i: name for i, name in enumerate("abcdef")}
+    assert class_names(6, model) == list("abcdef")
+    assert class_names(5, model) == [str(i) for i in range(5)]  # not this model's table

@@ -19,18 +19,18 @@ Reading a run back (see ``docs/runs.md``)::
 from __future__ import annotations
 
 from .outputs import (
-    box_to_original,
     image_placement,
     maps_on_image,
+    pixel_box_to_original,
     read_manifest,
     read_maps,
     run_placement,
 )
 
 __all__ = [
-    "box_to_original",
     "image_placement",
     "maps_on_image",
+    "pixel_box_to_original",
     "read_manifest",
     "read_maps",
     "run_placement",

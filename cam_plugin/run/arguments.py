@@ -74,6 +74,7 @@ def add_run_parser(sub: Any, add_model_options: Callable[[argparse.ArgumentParse
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per Ray actor")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--channels-last", action="store_true", help="channels_last model/images")
+    add_unit_options(p)
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the forward (pays off on long runs)"
     )
@@ -98,3 +99,22 @@ def add_evaluate_parser(sub: Any) -> None:
     p.add_argument("--cam-curve-interval", type=float, default=0.01, help="threshold step")
     p.add_argument("--worst", type=int, default=8, help="worst examples drawn in the report")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def add_unit_options(p: argparse.ArgumentParser) -> None:
+    """``--units`` and its options (paper Sec. 5; :mod:`cam_plugin.run.units`)."""
+    p.add_argument(
+        "--units",
+        type=int,
+        default=0,
+        help="per-unit top patches: for each drawn class its N top units by weight W'_ck, "
+        "each with its top patches over the data set, in OUT/units/ (default 0: off)",
+    )
+    p.add_argument("--unit-patches", type=int, default=8, help="top patches per unit (8)")
+    p.add_argument(
+        "--unit-classes",
+        default="auto",
+        help="classes drawn with --units: '3,5', or auto (the --targets list, else the "
+        "8 most frequent top-1 classes)",
+    )
+    p.add_argument("--unit-span", type=float, default=2.0, help="patch side in feature cells")

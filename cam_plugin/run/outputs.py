@@ -17,8 +17,10 @@ score}`` that ``COCO.loadRes`` takes as is) and ``OUT/boxes_coco.json`` (the sam
 COCO data set with its ``images`` and ``categories`` tables, loadable with ``COCO(path)``).
 
 Geometry back to the original image: the model saw the crop of the image resized by
-``scale`` at offset ``(left, top)``; a crop pixel ``u`` is the original point
-``(u + left + 0.5) / scale − 0.5``, so on the original image cell ``i`` is centred at
+``scale`` horizontally and ``scale_y`` vertically (the same unless the preprocessing warps
+the aspect ratio, as some HuggingFace image processors do) at offset ``(left, top)``; a crop
+pixel ``u`` is the original point ``(u + left + 0.5) / scale − 0.5`` (``y`` likewise with
+``scale_y`` and ``top``), so on the original image cell ``i`` is centred at
 ``(offset + stride·i + left + 0.5) / scale − 0.5`` (:func:`image_placement`);
 :func:`maps_on_image` resamples the stored maps there (or at any size). Boxes in the
 manifest and in ``boxes.json`` are continuous original-image coordinates (pixel ``i``
@@ -38,18 +40,20 @@ from torch import Tensor
 
 from ..errors import CAMInputError
 from ..placement import Placement, place_maps
+from ..preprocess import box_to_original
 from .shards import SHARDS_DIR, atomic_write_bytes, atomic_write_text, shard_dir
 
 __all__ = [
     "MANIFEST_FIELDS",
     "ShardBuffer",
-    "box_to_original",
     "image_placement",
     "maps_on_image",
     "merge_outputs",
+    "pixel_box_to_original",
     "read_manifest",
     "read_maps",
     "require",
+    "row_scale_y",
     "run_placement",
 ]
 
@@ -74,7 +78,8 @@ MANIFEST_FIELDS: dict[str, tuple[str, str]] = {
     "boxes_input": ("list<list<int64>>", "inclusive (x0, y0, x1, y1) on the model input"),
     "maps_store": ("string", "zarr array of its maps, relative to the run folder"),
     "maps_row": ("int64", "row of its maps in that array (-1 when failed)"),
-    "scale": ("float64", "resize factor of the preprocessing"),
+    "scale": ("float64", "horizontal resize factor of the preprocessing (resized / original)"),
+    "scale_y": ("float64", "vertical resize factor (= scale unless the resize warps)"),
     "left": ("int32", "crop offset x in resized pixels"),
     "top": ("int32", "crop offset y in resized pixels"),
     "decode": ("string", "source mode / bits / scaling as JSON"),
@@ -110,33 +115,44 @@ def _schema() -> Any:
     return pa.schema([(k, simple[t]) for k, (t, _) in MANIFEST_FIELDS.items()])
 
 
-def box_to_original(
-    box: Sequence[int], scale: float, left: int, top: int, size: tuple[int, int]
+def pixel_box_to_original(
+    box: Sequence[int],
+    scale: float,
+    left: int,
+    top: int,
+    size: tuple[int, int],
+    scale_y: Optional[float] = None,
 ) -> list[float]:
-    """An inclusive input box ``(x0, y0, x1, y1)`` as continuous original coordinates
-    ``[(x0 + left) / s, (y0 + top) / s, (x1 + 1 + left) / s, (y1 + 1 + top) / s]``,
-    clipped to ``[0, w0] × [0, h0]`` and rounded to 0.01 px."""
+    """An inclusive pixel box ``(x0, y0, x1, y1)`` of the model's input as continuous
+    original coordinates ``[(x0 + left) / s_x, (y0 + top) / s_y, (x1 + 1 + left) / s_x,
+    (y1 + 1 + top) / s_y]`` (:func:`cam_plugin.preprocess.box_to_original` of the pixels'
+    outer edges), clipped to ``[0, w0] × [0, h0]`` and rounded to 0.01 px."""
     h0, w0 = size
     x0, y0, x1, y1 = (float(v) for v in box)
-    vals = [
-        (x0 + left) / scale,
-        (y0 + top) / scale,
-        (x1 + 1 + left) / scale,
-        (y1 + 1 + top) / scale,
-    ]
+    vals = box_to_original([x0, y0, x1 + 1, y1 + 1], scale, left, top, scale_y=scale_y)
     lim = [w0, h0, w0, h0]
-    return [round(min(max(v, 0.0), float(m)), 2) for v, m in zip(vals, lim)]
+    return [round(min(max(float(v), 0.0), float(m)), 2) for v, m in zip(vals, lim)]
 
 
-def image_placement(placement: Placement, scale: float, left: int, top: int) -> Placement:
-    """The placement of the map cells on the *original* image (module doc)."""
+def image_placement(
+    placement: Placement, scale: float, left: int, top: int, scale_y: Optional[float] = None
+) -> Placement:
+    """The placement of the map cells on the *original* image (module doc; ``scale_y``
+    defaults to ``scale``)."""
     sy, sx = placement.stride
     oy, ox = placement.offset
+    ry = scale if scale_y is None else scale_y
     return Placement(
-        (sy / scale, sx / scale),
-        ((oy + top + 0.5) / scale - 0.5, (ox + left + 0.5) / scale - 0.5),
+        (sy / ry, sx / scale),
+        ((oy + top + 0.5) / ry - 0.5, (ox + left + 0.5) / scale - 0.5),
         source=placement.source,
     )
+
+
+def row_scale_y(row: Mapping[str, Any]) -> float:
+    """A manifest row's vertical scale (``scale`` for runs written before ``scale_y``)."""
+    value = row.get("scale_y")
+    return float(row["scale"] if value is None else value)
 
 
 def maps_on_image(
@@ -150,7 +166,9 @@ def maps_on_image(
     where it sits (bilinear between cells, constant beyond the outermost centres)."""
     t = torch.as_tensor(np.asarray(maps, dtype=np.float32))
     orig = (int(row["height"]), int(row["width"]))
-    where = image_placement(placement, float(row["scale"]), int(row["left"]), int(row["top"]))
+    where = image_placement(
+        placement, float(row["scale"]), int(row["left"]), int(row["top"]), row_scale_y(row)
+    )
     target = orig if size is None else (int(size[0]), int(size[1]))
     return place_maps(t, target, where.rescaled(orig, target))
 
@@ -220,7 +238,10 @@ class ShardBuffer:
         row = self._row(sample)
         boxes_in = res.boxes[i].tolist()
         valid = [j for j, c in enumerate(res.box_classes[i].tolist()) if c >= 0]
-        boxes = [box_to_original(boxes_in[j], prep.scale, prep.left, prep.top, size) for j in valid]
+        sy, sx = prep.scales
+        boxes = [
+            pixel_box_to_original(boxes_in[j], sx, prep.left, prep.top, size, sy) for j in valid
+        ]
         box_classes = [int(res.box_classes[i, j]) for j in valid]
         box_probs = [float(res.box_probs[i, j]) for j in valid]
         row.update(
@@ -237,7 +258,8 @@ class ShardBuffer:
             boxes_input=[boxes_in[j] for j in valid],
             maps_store=self.store,
             maps_row=len(self.maps),
-            scale=float(prep.scale),
+            scale=float(sx),
+            scale_y=float(sy),
             left=int(prep.left),
             top=int(prep.top),
             decode=json.dumps(sample["decode"], sort_keys=True),

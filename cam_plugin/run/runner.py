@@ -19,6 +19,7 @@ failed runs keep every finished shard: the same command resumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import platform
@@ -44,6 +45,7 @@ from .shards import (
     completed_shards,
     shard_ranges,
 )
+from .units import RunUnits, check_unit_options, unit_identity, write_unit_patches
 
 __all__ = ["FORMAT", "RunContext", "RunOptions", "run"]
 
@@ -80,6 +82,10 @@ class RunOptions:
     threads: Optional[int] = None
     channels_last: bool = False
     compile: bool = False
+    units: int = 0
+    unit_patches: int = 8
+    unit_classes: str = "auto"
+    unit_span: float = 2.0
     command: list[str] = dataclasses.field(default_factory=list)
 
     def check(self) -> None:
@@ -96,6 +102,7 @@ class RunOptions:
             if not ok:
                 value = getattr(self, name.replace("-", "_"))
                 raise CAMInputError(f"--{name} must be {want}, got {value}")
+        check_unit_options(self)
 
     @classmethod
     def from_namespace(cls, args: Any) -> RunOptions:
@@ -176,7 +183,13 @@ class RunContext:
             "data_kind": self.data.kind,
             "data_items": len(self.data.items),
             "data_fingerprint": self.data.fingerprint(),
+            **unit_identity(o),
         }
+
+    @functools.cached_property
+    def units(self) -> Optional[RunUnits]:
+        """The per-shard unit collectors of ``--units`` (``None`` when off; :mod:`.units`)."""
+        return RunUnits.from_options(self.options)
 
     def category_table(self, num_classes: int) -> list[dict[str, Any]]:
         """``[{"id", "name"}]`` per model class: the data's categories when it names as many
@@ -186,7 +199,8 @@ class RunContext:
         cats = self.data.categories
         if len(cats) == num_classes:
             return [{"id": int(c["id"]), "name": str(c["name"])} for c in cats]
-        return [{"id": i, "name": n} for i, n in enumerate(class_names(num_classes))]
+        names = class_names(num_classes, self.loaded.model)
+        return [{"id": i, "name": n} for i, n in enumerate(names)]
 
     # -- the map computer ------------------------------------------------------------------
     def _example(self, shards: Sequence[int]) -> Optional[torch.Tensor]:
@@ -218,6 +232,8 @@ class RunContext:
             )
             if self.data.kind != "dataset":
                 self.computer.check_labels([i.labels for i in self.data.items])
+            if self.units is not None:
+                self.units.attach(self.computer)
         return self.computer
 
     def maps_meta(self) -> dict[str, Any]:
@@ -300,6 +316,8 @@ class RunContext:
         images = torch.stack([s["prepared"].tensor for s in good])
         images = images.to(self.device, memory_format=self.memory_format)
         res = self.computer(images, [tuple(s["labels"]) for s in good])
+        if self.units is not None:
+            self.units.add(buffer.shard, [s["index"] for s in good])
         for i, s in enumerate(good):
             buffer.add_image(s, res, i, self.overlay_names.get(s["index"]))
 
@@ -312,6 +330,8 @@ class RunContext:
                 buffer.write_overlays(self.out, self.computer.placement)
             with commit_shard(self.out, buffer.shard, marker) as tmp:
                 marker.update(buffer.write(tmp, self.options.float16, meta))
+                if self.units is not None:
+                    self.units.write(buffer.shard, tmp)
                 marker.update(
                     maps=meta, num_classes=self.computer.num_classes if self.computer else None
                 )
@@ -525,6 +545,7 @@ def _finish(
     failed = int(sum(1 for s in table.column("status").to_pylist() if s != "ok"))
     total = table.num_rows
     rate = computed / seconds if seconds > 0 else 0.0
+    units = write_unit_patches(ctx, sorted(done), table)
     counts = {
         "images": total,
         "ok": total - failed,
@@ -548,6 +569,7 @@ def _finish(
                 "coco": "boxes_coco.json",
                 "maps": "shards/NNNNN/maps.zarr",
             },
+            **({"units": units} if units is not None else {}),
         },
     )
     print(

@@ -249,7 +249,12 @@ def test_target_forms_follow_captum(resnet: nn.Module, resnet_cam: ClassActivati
         (torch.tensor([0, 1, 2]), "does not fit a batch of 2"),
         ([1, 2, 3], "3 entries but the batch has 2"),
         ([1], "1 entries but the batch has 2"),
-        ((1, 2), "exactly one element"),
+        ((1, 2, 3), "exactly one element"),
+        ((1, 1), "two different classes"),
+        ([(1, 2), 3], "mixes contrast pairs"),
+        ([(1, 2)], "1 pairs but the batch has 2"),
+        ((1, NUM_CLASSES), "out of range"),
+        (torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "integers"),
         ([[1, 2], [3]], "one map per example"),
         (torch.tensor([0.0, 1.0]), "integer class indices"),
         (True, "bool"),
@@ -261,6 +266,44 @@ def test_bad_targets(
     cam = resnet_cam
     with pytest.raises(CAMInputError, match=match):
         cam.attribute(_images(2, 64), target=target)  # type: ignore[arg-type]
+    assert cp.count_hooks(resnet) == 0
+
+
+def test_contrast_pairs_decompose_the_logit_margin(
+    resnet: nn.Module, resnet_cam: ClassActivationMap
+) -> None:
+    """mean_xy (M_c − M_c') = S_c − S_c' − (b'_c − b'_c') for every class pair, on a batch."""
+    cam = resnet_cam
+    x = _images(3, 64)
+    pairs = torch.tensor([(c, d) for c in range(NUM_CLASSES) for d in range(NUM_CLASSES) if c != d])
+    batch = x.repeat_interleave(len(pairs), dim=0)  # every image with every pair
+    every = pairs.repeat(len(x), 1)
+    attr = cam.attribute(batch, target=every)
+    with torch.no_grad():
+        logits = resnet(batch)
+    bias = cam.adapter.fold().class_bias(every)  # (N, 2)
+    c, d = every[:, 0], every[:, 1]
+    margin = logits.gather(1, c[:, None])[:, 0] - logits.gather(1, d[:, None])[:, 0]
+    torch.testing.assert_close(
+        attr.mean(dim=(1, 2, 3)), margin - (bias[:, 0] - bias[:, 1]), rtol=1e-4, atol=1e-4
+    )
+    # the forms agree, and equal the difference of the plain maps
+    two = x[:2]
+    ref = cam.attribute(two, target=3) - cam.attribute(two, target=5)
+    torch.testing.assert_close(cam.attribute(two, target=(3, 5)), ref)
+    torch.testing.assert_close(cam.attribute(two, target=[(3, 5), (3, 5)]), ref)
+    torch.testing.assert_close(cam.attribute(two, target=3, contrast=5), ref)
+    up = cam.attribute(two, target=(3, 5), upsample=True)
+    torch.testing.assert_close(
+        up,
+        cam.attribute(two, target=3, upsample=True) - cam.attribute(two, target=5, upsample=True),
+    )
+    with torch.no_grad():
+        top2 = resnet(two).topk(2, dim=1).indices
+    second = cam.attribute(two, contrast="second")
+    torch.testing.assert_close(second, cam.attribute(two, target=top2))
+    with pytest.raises(CAMInputError, match="not both"):
+        cam.attribute(two, target=(3, 5), contrast=1)
     assert cp.count_hooks(resnet) == 0
 
 
