@@ -50,7 +50,7 @@ $(VENV)/.test: $(VENV)/.demo pyproject.toml
 	$(PIP) addict pyyaml rich termcolor yapf opencv-python-headless einops importlib-metadata \
 	    mat4py modelindex pycocotools scipy shapely six terminaltables
 	tools/build_mmcv_wheel.sh $(CACHE)
-	$(PIP) --no-deps mmengine==0.10.7 $$(ls $(CACHE)/wheels/mmcv-2.1.0-*.whl) mmpretrain==1.2.0 mmdet==3.3.0
+	$(PIP) --no-deps mmengine==0.10.7 $$(ls $(CACHE)/wheels/mmcv-2.1.0-*.whl) mmpretrain==1.2.0 mmdet==3.3.0 mmaction2==1.2.0
 	touch $@
 
 # -- the README's two commands -------------------------------------------------------------

@@ -85,7 +85,7 @@ class Adapter:
         capture: ``"output"`` or ``"input"`` of ``feature_module``.
         pool: ``"avg"`` (exact) or ``"max"`` (the paper's GMP baseline; maps are computed the
             same way but the identity ``mean_xy M_c + b_c = S_c`` does not hold).
-        input_size: ``(C, H, W)`` the model expects, when known.
+        input_size: ``(C, H, W)`` (``(C, T, H, W)`` for clips) the model expects, when known.
         num_features: ``K``; inferred from the head when omitted.
         name: a readable description (shown in errors and ``repr``).
         output_fn: turns the model's return value into the logits tensor (default: it must
@@ -97,7 +97,7 @@ class Adapter:
     layout: FeatureLayout = field(default_factory=FeatureLayout)
     capture: CaptureKind = "output"
     pool: PoolKind = "avg"
-    input_size: Optional[tuple[int, int, int]] = None
+    input_size: Optional[tuple[int, ...]] = None
     num_features: Optional[int] = None
     name: str = "custom"
     feature_name: str = ""

@@ -59,6 +59,7 @@ INTEGRATIONS: dict[str, str] = {
     "torchvision": "cam_plugin.integrations.torchvision",
     "mmpretrain": "cam_plugin.integrations.mmpretrain",
     "mmdet": "cam_plugin.integrations.mmdet",
+    "mmaction": "cam_plugin.integrations.mmaction",
     "transformers": "cam_plugin.integrations.hf",
 }
 ENTRY_POINT_GROUP = "cam_plugin.adapters"

@@ -1,7 +1,8 @@
 """Trunks: the part of a backbone that computes the feature map :func:`cam_plugin.convert` uses.
 
-A trunk is a module ``x -> (B, K, h, w)`` cut at the requested ``stage``, with the list of
-every selectable stage (:class:`StageInfo`). :func:`build_trunk` finds it in this order:
+A trunk is a module ``x -> (B, K, h, w)`` (a 3-D video trunk: ``x -> (B, K, T, h, w)``) cut
+at the requested ``stage``, with the list of every selectable stage (:class:`StageInfo`).
+:func:`build_trunk` finds it in this order:
 
 1. trunk builders registered with :func:`register_trunk_builder`, newest first (a builder
    returns a :class:`Trunk`, or ``None`` when it does not handle this model / stage);
@@ -15,7 +16,8 @@ every selectable stage (:class:`StageInfo`). :func:`build_trunk` finds it in thi
 
 Stages follow timm's ``feature_info`` convention: a stage is the last layer at each
 resolution, ``reduction`` its stride in input pixels, negative ``stage`` values count from
-the end. Every probe forward runs under :func:`cam_plugin.probing.untouched`.
+the end. For space-time maps the resolution is the spatial one (a layer that only halves the
+frames does not end a stage). Every probe forward runs under :func:`cam_plugin.probing.untouched`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
     "TrunkBuilder",
     "build_trunk",
     "describe_output",
+    "is_feature_map",
     "multi_output_trunk",
     "probe_backbone",
     "register_trunk_builder",
@@ -72,7 +75,8 @@ class Trunk:
     """What a trunk builder returns.
 
     Attributes:
-        module: ``x -> (B, K, h, w)``, the backbone cut at the stage.
+        module: ``x -> (B, K, h, w)`` (video: ``(B, K, T, h, w)``), the backbone cut at the
+            stage.
         family: a label for :attr:`cam_plugin.convert.ConversionInfo.family` (``"timm"``,
             ``"torchvision"``, ``"sequential"``, ``"multi-output"``, ``"module"``, ...).
         stage: the resolved stage index (``-1`` for a whole single-map backbone).
@@ -181,14 +185,21 @@ def probe_backbone(model: nn.Module, x: Tensor) -> Any:
     except Exception as err:
         raise CAMInputError(
             f"the backbone {type(model).__name__} failed on a probe input of shape "
-            f"{tuple(x.shape)} ({type(err).__name__}: {err}); pass input_size=(C, H, W) that "
-            "it accepts"
+            f"{tuple(x.shape)} ({type(err).__name__}: {err}); pass input_size=(C, H, W) (or "
+            "(C, T, H, W) for a video backbone) that it accepts"
         ) from err
 
 
+def is_feature_map(x: Tensor, out: Any) -> bool:
+    """True when ``out`` is a feature map of the probe ``x``: ``(B, K, h, w)`` for an image
+    batch, ``(B, K, T, h, w)`` for a clip batch."""
+    return isinstance(out, Tensor) and out.dim() == x.dim() and out.dim() in (4, 5)
+
+
 def _reduction(x: Tensor, out: Any) -> Optional[tuple[float, int]]:
-    """``(stride, channels)`` of a 4-D output, else ``None``."""
-    if isinstance(out, Tensor) and out.dim() == 4:
+    """``(spatial stride, channels)`` of a feature map (:func:`is_feature_map`), else
+    ``None``."""
+    if is_feature_map(x, out):
         return float(x.shape[-2]) / float(out.shape[-2]), int(out.shape[1])
     return None
 
@@ -206,7 +217,7 @@ def _run_in_order(
 ) -> list[_Layer]:
     """Run ``prefix`` then ``children`` in order on ``x``; a plain ``nn.Sequential`` child
     whose own children span several resolutions is opened up one level. Returns every
-    layer with the ``(stride, channels)`` of its output (``None`` when not a 4-D map)."""
+    layer with the ``(stride, channels)`` of its output (``None`` when not a feature map)."""
     flat: list[_Layer] = []
     try:
         with untouched(model):
@@ -237,7 +248,7 @@ def _run_in_order(
 
 
 def _stage_ends(flat: Sequence[_Layer]) -> list[int]:
-    """Positions of the last layer at each resolution (empty when a layer is not 4-D)."""
+    """Positions of the last layer at each resolution (empty when a layer is not a feature map)."""
     ends: list[int] = []
     for i, (_, _, r) in enumerate(flat):
         if r is None:
@@ -285,7 +296,7 @@ def sequential_trunk(
         cut = len(flat) - 1
     elif not ends:
         raise CAMInputError(
-            f"{type(model).__name__}'s layers do not all return 4-D maps, so stage={stage} "
+            f"{type(model).__name__}'s layers do not all return feature maps, so stage={stage} "
             "cannot be resolved; use stage=-1"
         )
     else:
@@ -325,11 +336,12 @@ def multi_output_trunk(
     if not is_dict:
         keys = list(names) if names and len(names) == len(values) else []
         keys = keys or [f"output[{i}]" for i in range(len(values))]
-    bad = [i for i, v in enumerate(values) if not (isinstance(v, Tensor) and v.dim() == 4)]
+    bad = [i for i, v in enumerate(values) if not is_feature_map(x, v)]
     if bad:
+        want = "5-D (B, K, T, h, w)" if x.dim() == 5 else "4-D (B, K, h, w)"
         raise CAMInputError(
-            f"the backbone returned {describe_output(out)}; every output must be a 4-D "
-            f"(B, K, h, w) feature map, but item {bad[0]} is not"
+            f"the backbone returned {describe_output(out)}; every output must be a {want} "
+            f"feature map, but item {bad[0]} is not"
         )
     stages = tuple(
         StageInfo(i, keys[i], int(v.shape[1]), float(x.shape[-2]) / float(v.shape[-2]))

@@ -12,6 +12,13 @@ its layers before the first pooling / classifier layer run in order (``features`
 ``trunk_output``, ``layers`` are opened up by :func:`cam_plugin.trunks.sequential_trunk`);
 auxiliary classifiers are dropped; GoogLeNet / Inception v3's ``transform_input`` and
 DenseNet's final ``F.relu`` (code in their ``forward``, not layers) are kept as modules.
+
+Video classifiers (``torchvision.models.video``) are cut the same way: ``r3d_18``,
+``mc3_18``, ``r2plus1d_18`` (``stem``, ``layer1`` .. ``layer4``; stages by spatial stride:
+``0`` layer1 /2 ... ``3`` layer4 /16) and ``s3d`` (``features`` opened up) return
+``(B, K, T', h, w)`` maps; ``swin3d_*`` supports ``stage=-1`` only (its blocks are
+channels-last: the trunk ends with its ``norm`` and :class:`ChannelsFirst`). ``mvit``
+(class token) has no space-time map to convert.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from cam_plugin.registry import register_adapter
 from cam_plugin.trunks import Trunk, register_trunk_builder, sequential_trunk
 
 __all__ = [
+    "ChannelsFirst",
     "InputTransform",
     "children_before_head",
     "is_torchvision_model",
@@ -59,12 +67,33 @@ register_adapter(is_torchvision_model, torchvision_adapter, name="torchvision")
 
 #: children that start a torchvision classifier's head (the trunk ends before the first)
 HEAD_NAMES = frozenset({"avgpool", "fc", "classifier", "head", "heads", "global_pool", "dropout"})
-HEAD_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear, nn.Flatten)
+HEAD_TYPES = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool3d,
+    nn.Linear,
+    nn.Flatten,
+)
 #: ImageNet statistics; ``transform_input=True`` re-expresses them as ``mean = std = 0.5``
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: token models whose stages are not NCHW maps: only their whole trunk can be used
-TOKEN_MODELS = frozenset({"VisionTransformer", "SwinTransformer", "MaxVit"})
+TOKEN_MODELS = frozenset(
+    {"VisionTransformer", "SwinTransformer", "MaxVit", "SwinTransformer3d", "MViT"}
+)
+#: video models whose trunk output is channels-last ``(B, T, h, w, K)`` (their forward
+#: permutes it in code, after ``norm``)
+CHANNELS_LAST_VIDEO = frozenset({"SwinTransformer3d"})
+
+
+class ChannelsFirst(nn.Module):
+    """``(B, T, h, w, K) -> (B, K, T, h, w)`` (Video Swin's forward does this permute in code
+    before its pool)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The permuted view."""
+        return x.permute(0, 4, 1, 2, 3)
 
 
 class InputTransform(nn.Module):
@@ -110,15 +139,27 @@ def torchvision_trunk(model: nn.Module, stage: Union[int, str], x: Tensor) -> Op
             f"torchvision {name} supports only stage=-1 here (its stages are not NCHW "
             "maps); timm's versions with features_only=True give NCHW stages"
         )
+    if name == "MViT":
+        raise CAMInputError(
+            "torchvision MViT classifies from its class token and has no space-time feature "
+            "map to convert; convert a 3-D CNN (r3d_18, mc3_18, r2plus1d_18, s3d) or swin3d"
+        )
     prefix: list[tuple[str, nn.Module]] = []
     if getattr(model, "transform_input", False) is True:
         scale = [s / 0.5 for s in IMAGENET_STD]
         shift = [(m - 0.5) / 0.5 for m in IMAGENET_MEAN]
         prefix.append(("transform_input", InputTransform(scale, shift)))
-    tail = [("relu", nn.ReLU(inplace=False))] if name == "DenseNet" else []
-    return sequential_trunk(
+    tail: list[tuple[str, nn.Module]] = []
+    if name == "DenseNet":
+        tail = [("relu", nn.ReLU(inplace=False))]
+    elif name in CHANNELS_LAST_VIDEO:
+        tail = [("channels_first", ChannelsFirst())]
+    trunk = sequential_trunk(
         model, children_before_head(model), stage, x, "torchvision", prefix=prefix, tail=tail
     )
+    if name in CHANNELS_LAST_VIDEO:
+        trunk.stages = ()  # its blocks' outputs are channels-last, not selectable stages
+    return trunk
 
 
 register_trunk_builder(is_torchvision_model, torchvision_trunk, name="torchvision")

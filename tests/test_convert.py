@@ -422,3 +422,59 @@ def test_names_moved_out_of_convert_still_import() -> None:
     assert StageInfo is trunks.StageInfo
     with pytest.raises(ImportError, match="cannot import name 'Nope'"):
         from cam_plugin.convert import Nope  # type: ignore[attr-defined]  # noqa: F401
+
+
+# -- 3-D (video) backbones -----------------------------------------------------------------
+
+
+def _tiny_3d() -> torch.nn.Sequential:
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(3, 8, 3, stride=(1, 2, 2), padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(8, 16, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+    )
+
+
+@pytest.mark.parametrize(("stage", "extra_conv"), [(-1, None), (0, 4)])
+def test_convert_a_3d_sequential_builds_a_space_time_cam_head(stage: int, extra_conv: int) -> None:
+    """A 3-D backbone gets GAP over (t, x, y) (+ a 3x3x3 extra conv) and a Linear layer:
+    M_c = Σ_k w_ck f_k(t, x, y) and mean_{t,x,y} M_c + b_c = S_c."""
+    from cam_plugin.convert import GlobalPool3d
+
+    torch.manual_seed(0)
+    conv = cp.convert(_tiny_3d(), 3, stage=stage, extra_conv=extra_conv, input_size=(3, 4, 16, 16))
+    conv = randomize_head(conv).eval()
+    info = conv.info
+    assert info is not None and info.video and [s.reduction for s in info.stages] == [2.0, 4.0]
+    assert (info.map_frames, info.map_size) == ((4, (8, 8)) if stage == 0 else (2, (4, 4)))
+    assert isinstance(conv.global_pool, GlobalPool3d) and conv.cam_adapter().layout.kind == "NCTHW"
+    x = torch.randn(2, 3, 4, 16, 16)
+    res = cp.CAM(conv)(x, targets="all")
+    with torch.no_grad():
+        feats = conv.forward_features(x)
+        torch.testing.assert_close(res.logits, conv(x))
+        pooled = conv.fc(feats.mean(dim=(2, 3, 4)))
+    torch.testing.assert_close(res.logits, pooled)
+    expected = torch.einsum("ck,bkthw->bcthw", conv.fc.weight, feats)
+    torch.testing.assert_close(res.maps, expected, rtol=1e-4, atol=1e-5)
+    assert float(res.identity_residual().abs().max()) <= 1e-4 * max(
+        1.0, float(res.logits.abs().max())
+    )
+
+
+def test_convert_3d_defaults_and_refusals() -> None:
+    from cam_plugin.convert import VIDEO_PROBE, is_video_backbone
+
+    assert is_video_backbone(_tiny_3d()) and not is_video_backbone(torch.nn.Conv2d(3, 4, 3))
+    conv = cp.convert(_tiny_3d(), 2)  # no input_size: a (C, 16, 112, 112) probe clip
+    assert conv.info is not None and conv.info.input_size == (3, *VIDEO_PROBE)
+    assert "map=8x28x28 at 16x112x112" in conv.extra_repr()
+    with pytest.raises(CAMInputError, match="last_stride=1 is implemented for image"):
+        cp.convert(_tiny_3d(), 2, input_size=(3, 4, 16, 16), last_stride=1)
+    with pytest.raises(CAMInputError, match=r"\(C, T, H, W\)"):
+        cp.convert(_tiny_3d(), 2, input_size=(3, 4, 4, 16, 16))
+    with pytest.raises(CAMInputError, match="5-D"):  # a 3-D trunk that pools time away
+        cp.convert(
+            torch.nn.Sequential(_tiny_3d(), torch.nn.Flatten(2)), 2, input_size=(3, 4, 16, 16)
+        )

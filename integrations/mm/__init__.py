@@ -8,7 +8,9 @@ plain classes. The registration modules do that, each for its own face:
   :class:`~.datasets.ClutteredDigitsDataset` (``DATASETS``);
 * ``cam_plugin.integrations.mmdet`` registers :class:`~.probe_hook.CAMProbeHook`,
   :class:`~.datasets.ClutteredDigitsDetection` and the mmdet adapter;
-* ``cam_plugin.integrations.mmpretrain`` registers the mmpretrain adapter.
+* ``cam_plugin.integrations.mmpretrain`` registers the mmpretrain adapter;
+* ``cam_plugin.integrations.mmaction`` registers the mmaction2 adapter (recognisers wrapped
+  in :class:`~.action_adapter.ActionRecognizerLogits`).
 
 Modules:
 
@@ -24,5 +26,6 @@ Modules:
   ``probe_pictures``, ``probe_storage``, ``probe_hook``: the CAM probe trained inside an
   mmdet run (the hook decides when; each other module is one part of what it does);
 * ``datasets``: the cluttered-digits data sets (classification and detection);
-* ``pretrain_adapter`` / ``det_adapter``: how the registry reads mmpretrain and mmdet models.
+* ``pretrain_adapter`` / ``det_adapter`` / ``action_adapter``: how the registry reads
+  mmpretrain, mmdet and mmaction2 models.
 """
