@@ -65,7 +65,8 @@ print(json.dumps({"images_per_s": len(x) / seconds, "seconds": seconds}))
 """
 
 
-PAIRED = r"""
+#: the start of the paired scripts: model, preprocessing, the first two batches' paths
+PAIRED_PRELUDE = r"""
 import json, statistics, sys, time
 import torch
 from cam_plugin.images import decode_image
@@ -79,6 +80,11 @@ torch.set_num_threads(int(threads))
 model = load_model(spec).model.eval()
 pre = Preprocess(DataConfig.for_model(model))
 paths = open(listing).read().split()[: 2 * batch]
+"""
+
+PAIRED = (
+    PAIRED_PRELUDE
+    + r"""
 decode = []
 tensors = []
 for p in paths:
@@ -103,22 +109,12 @@ print(json.dumps({
     "decode_ms": 1000 * statistics.median(decode),
 }))
 """
+)
 
 
-OPTIONS = r"""
-import json, statistics, sys, time
-import torch
-from cam_plugin.images import decode_image
-from cam_plugin.models import load_model
-from cam_plugin.preprocess import DataConfig, Preprocess
-from cam_plugin.run.compute import MapComputer
-
-spec, listing, batch, threads, rounds = sys.argv[1:6]
-batch, rounds = int(batch), int(rounds)
-torch.set_num_threads(int(threads))
-model = load_model(spec).model.eval()
-pre = Preprocess(DataConfig.for_model(model))
-paths = open(listing).read().split()[: 2 * batch]
+OPTIONS = (
+    PAIRED_PRELUDE
+    + r"""
 x = torch.stack([pre(decode_image(p)).tensor for p in paths])
 last = x.contiguous(memory_format=torch.channels_last)
 kw = dict(targets="topk", topk=1, threshold=0.2)
@@ -144,6 +140,7 @@ out = {k: 1000 * statistics.median(v) / batch for k, v in times.items()}
 out["compile_s"] = compile_s
 print(json.dumps(out))
 """
+)
 OPTIONS_MARKERS = ("<!-- run-options:start -->", "<!-- run-options:end -->")
 
 
