@@ -6,7 +6,8 @@ grid figure -- every picture the faces draw (hooks decide *when*, this module *h
 fixed :class:`~cam_plugin.result.MapScale` (``scale=``) so that the colours of several
 images mean the same logit values. ``colorbar=True`` adds a colour bar that says which:
 the map's own min and max ("min-max per map"), or the fixed scale's bounds and where they
-come from.
+come from. Video clips (per-frame overlays, frames in a strip) are drawn by
+:mod:`cam_plugin.viz_video` with these helpers.
 """
 
 from __future__ import annotations
