@@ -19,7 +19,10 @@
   in a :class:`~cam_plugin.wsol_records.RecordStore` -- the rule of
   :class:`~cam_plugin.metrics.WSOLMetrics`: a key already recorded is skipped (and not
   computed again), states from several processes merge. Without ``sample_ids`` every image
-  gets a fresh id.
+  gets a fresh id. :meth:`FaithfulnessMetric.sample_states` splits the records by sample
+  (for collectors that expect one result per sample, such as mmengine's).
+* **One-shot functions** (``deletion_insertion``, ``road``, ...) are :func:`one_shot`: the
+  metric built with the options, one ``update``, its ``result()``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ __all__ = [
     "class_scores",
     "map_batch",
     "model_logits",
+    "one_shot",
     "scores_in_chunks",
 ]
 
@@ -359,6 +363,26 @@ class FaithfulnessMetric:
         columns = {n: (list(s), np.dtype(d).str) for n, (s, d) in spec.items()}
         return {"format": self.format, "config": self.config(), "columns": columns, **body}
 
+    def sample_states(self) -> list[tuple[Hashable, dict[str, Any]]]:
+        """``[(sample id, state), ...]``: one :meth:`state` per recorded sample id, holding
+        the records of that sample's maps (keys ``(sample id, class)``), in recording order.
+
+        For collectors that expect one result per sample (mmengine's ``collect_results``
+        drops a distributed sampler's padding by count); :meth:`merge` of all of them equals
+        :meth:`merge` of the whole :meth:`state`."""
+        if self._store is None:
+            return []
+        whole = self.state()
+        groups: dict[Hashable, list[int]] = {}
+        for row, key in enumerate(whole["keys"]):
+            groups.setdefault(key[0], []).append(row)
+        head = {k: whole[k] for k in ("format", "config", "columns")}
+        out = []
+        for sid, rows in groups.items():
+            body = {n: np.asarray(whole[n])[rows] for n in whole["columns"]}
+            out.append((sid, {**head, "keys": [whole["keys"][r] for r in rows], **body}))
+        return out
+
     def merge(self, states: Union[Mapping[str, Any], Iterable[Mapping[str, Any]]]) -> None:
         """Add the records of other states (e.g. one per rank); known keys are skipped."""
         items = [states] if isinstance(states, Mapping) else list(states)
@@ -373,3 +397,20 @@ class FaithfulnessMetric:
                 continue
             spec = {n: (tuple(s), np.dtype(d)) for n, (s, d) in st["columns"].items()}
             self._record(list(st["keys"]), spec, _rows_of(st, list(spec)))
+
+
+def one_shot(
+    metric_type: type[FaithfulnessMetric],
+    *args: Any,
+    update_keywords: Sequence[str] = (),
+    **options: Any,
+) -> EvalResult:
+    """What every one-shot function of :mod:`cam_plugin.evaluate` does: build
+    ``metric_type`` with the ``options`` (its settings), call ``update(*args, **keywords)``
+    once -- ``keywords`` are the ``options`` named in ``update_keywords`` (e.g. ``classes``),
+    taken out of the settings -- and return :meth:`FaithfulnessMetric.result`."""
+    keywords = {k: options.pop(k) for k in update_keywords if k in options}
+    metric = metric_type(**options)
+    update: Callable[..., None] = getattr(metric, "update")  # noqa: B009 (each metric's own)
+    update(*args, **keywords)
+    return metric.result()

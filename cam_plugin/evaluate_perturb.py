@@ -60,6 +60,7 @@ from .evaluate_core import (
     class_scores,
     map_batch,
     model_logits,
+    one_shot,
     scores_in_chunks,
 )
 from .probing import untouched
@@ -401,9 +402,7 @@ def deletion_insertion(
     **options: Any,
 ) -> EvalResult:
     """One-shot :class:`DeletionInsertion` (``options`` are its settings)."""
-    metric = DeletionInsertion(**options)
-    metric.update(model, images, maps, classes)
-    return metric.result()
+    return one_shot(DeletionInsertion, model, images, maps, classes, **options)
 
 
 def confidence_change(
@@ -414,6 +413,4 @@ def confidence_change(
     **options: Any,
 ) -> EvalResult:
     """One-shot :class:`ConfidenceChange` (``options`` are its settings)."""
-    metric = ConfidenceChange(**options)
-    metric.update(model, images, maps, classes)
-    return metric.result()
+    return one_shot(ConfidenceChange, model, images, maps, classes, **options)

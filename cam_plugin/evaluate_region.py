@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import CAMInputError
-from .evaluate_core import EvalResult, FaithfulnessMetric
+from .evaluate_core import EvalResult, FaithfulnessMetric, one_shot
 from .result import CAMResult, minmax_normalize
 from .wsol_inputs import check_gt_boxes, check_masks, to_numpy
 
@@ -207,7 +207,5 @@ def pointing_game(
 ) -> EvalResult:
     """One-shot :class:`PointingGame`; ``options`` take its settings and ``update``'s
     keywords (``classes``, ``image_size``)."""
-    keywords = {k: options.pop(k) for k in ("classes", "image_size") if k in options}
-    metric = PointingGame(**options)
-    metric.update(maps, gt_boxes, gt_masks, **keywords)
-    return metric.result()
+    keywords = ("classes", "image_size")
+    return one_shot(PointingGame, maps, gt_boxes, gt_masks, update_keywords=keywords, **options)

@@ -54,6 +54,7 @@ from .evaluate_core import (
     class_scores,
     map_batch,
     model_logits,
+    one_shot,
     scores_in_chunks,
 )
 from .evaluate_impute import linear_impute
@@ -274,6 +275,4 @@ def road(
     **options: Any,
 ) -> EvalResult:
     """One-shot :class:`ROAD` (``options`` are its settings)."""
-    metric = ROAD(**options)
-    metric.update(model, images, maps, classes)
-    return metric.result()
+    return one_shot(ROAD, model, images, maps, classes, **options)

@@ -48,6 +48,7 @@ from .evaluate_core import (
     checked_images,
     map_batch,
     model_logits,
+    one_shot,
 )
 from .probing import model_device_dtype, rng_guard, untouched
 from .result import CAMResult
@@ -277,13 +278,9 @@ def randomization_check(
     **options: Any,
 ) -> EvalResult:
     """One-shot :class:`RandomizationCheck` (``options`` are its settings)."""
-    metric = RandomizationCheck(**options)
-    metric.update(model, images, explain, classes)
-    return metric.result()
+    return one_shot(RandomizationCheck, model, images, explain, classes, **options)
 
 
 def completeness_residual(result: CAMResult) -> EvalResult:
     """One-shot :class:`CompletenessResidual`."""
-    metric = CompletenessResidual()
-    metric.update(result)
-    return metric.result()
+    return one_shot(CompletenessResidual, result)

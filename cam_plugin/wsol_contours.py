@@ -17,9 +17,14 @@ How it is fast without changing a box: step 2 never builds ``q``. Since ``q > c`
 is ``m >= e[c + 1]`` with ``e[k]`` the smallest value of the maps' dtype whose quantization is
 ``>= k`` (:func:`quantization_edges`, 257 numbers per dtype, computed once). So a float32 map
 is binarized by one comparison in float32, with no float64 copy; ``max q`` needs only the
-map's maximum. Steps 4-5 are computed for every contour of every map and threshold at once
-from the contour points (exact integer arithmetic, equal to ``cv2.boundingRect`` and
-``cv2.contourArea``); OpenCV is called once per binary image, for ``findContours`` only.
+map's maximum. That maximum and the input check come from one vectorised pass: the maps'
+bits read as unsigned integers keep the order of non-negative floats, and every value
+outside ``[0, 1]`` (negative, NaN, inf) reads above ``bits(1.0)`` (:func:`checked_maxima`;
+only then does the exact check run, to name the problem). The maps go through in chunks
+that stay in the cache from that pass to the comparison and the contours. Steps 4-5 are
+computed for every contour of every map and threshold at once from the contour points
+(exact integer arithmetic, equal to ``cv2.boundingRect`` and ``cv2.contourArea``); OpenCV
+is called once per binary image, for ``findContours`` only.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = [
     "ContourSweep",
     "as_numpy_maps",
     "check_thresholds",
+    "checked_maxima",
     "contour_boxes",
     "contour_sweep",
     "contour_sweeps",
@@ -52,6 +58,9 @@ ArrayLike = Union[Tensor, np.ndarray]
 
 #: bytes of binary images built at once by the contour sweeps
 _BINARY_BYTES = 1 << 24
+#: bytes of float maps (and their binary images) binarized and traced at once: a chunk stays
+#: in the cache between reading its maxima, comparing and tracing
+_CACHE_BYTES = 1 << 20
 #: from this many thresholds on, a float map is quantized once and thresholded by OpenCV
 _QUANTIZE_FROM = 8
 
@@ -94,20 +103,20 @@ def _as_array(maps: object, name: str) -> np.ndarray:
     return arr
 
 
-def validated_maps(maps: object, name: str = "maps") -> tuple[np.ndarray, np.ndarray]:
-    """:func:`contour_values` and each map's maximum, from one pass over the maps.
+#: the bit pattern of 1.0 in each float dtype, as the unsigned integer of the same width
+_ONE_BITS = {
+    np.dtype(np.float32): np.uint32(0x3F800000),
+    np.dtype(np.float64): np.uint64(0x3FF0000000000000),
+}
+_UINT_OF = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}
 
-    Returns:
-        ``(values, maxima)``: the maps in their own float dtype, and ``(N,)`` the maximum of
-        each of the ``N`` maps (leading dims flattened, row-major).
-    """
-    arr = _as_array(maps, name)
-    h, w = arr.shape[-2:]
-    flat = torch.from_numpy(np.ascontiguousarray(arr)).reshape(-1, h * w)
-    if flat.shape[0] == 0:
-        return arr, np.zeros(0, dtype=arr.dtype)
-    hi = flat.amax(dim=1)  # NaN propagates through amax / amin
-    low, high = float(flat.amin()), float(hi.max())
+
+def _exact_check(flat: np.ndarray, name: str) -> np.ndarray:
+    """Each row's maximum, after the full check (NaN, every value in ``[0, 1]``) with the
+    error that names what is wrong; the slow path of :func:`validated_maps`."""
+    t = torch.from_numpy(flat)
+    hi = t.amax(dim=1)  # NaN propagates through amax / amin
+    low, high = float(t.amin()), float(hi.max())
     if np.isnan(low) or np.isnan(high):
         raise CAMInputError(f"{name} contains NaN values; fix the maps before localizing.")
     if low < 0.0 or high > 1.0:
@@ -116,7 +125,43 @@ def validated_maps(maps: object, name: str = "maps") -> tuple[np.ndarray, np.nda
             f"CAMResult.normalize() or cam_plugin.minmax_normalize); got "
             f"min={low:.4g}, max={high:.4g}."
         )
-    return arr, hi.numpy()
+    return hi.numpy()
+
+
+def validated_maps(maps: object, name: str = "maps") -> tuple[np.ndarray, np.ndarray]:
+    """:func:`contour_values` and each map's maximum, from one pass over the maps.
+
+    The pass is one vectorised maximum over the maps' bits read as unsigned integers of
+    the same width: for IEEE floats ``0 <= a <= b`` iff ``bits(a) <= bits(b)``, and every
+    value outside ``[0, 1]`` (negative, NaN, inf, above 1) has bits above ``bits(1.0)``. So
+    ``max bits <= bits(1.0)`` proves the whole batch valid and gives each map's maximum;
+    otherwise the exact check runs and raises (or accepts ``-0.0``).
+
+    Returns:
+        ``(values, maxima)``: the maps in their own float dtype, and ``(N,)`` the maximum of
+        each of the ``N`` maps (leading dims flattened, row-major).
+    """
+    arr = _as_array(maps, name)
+    h, w = arr.shape[-2:]
+    flat = np.ascontiguousarray(arr).reshape(-1, h * w)
+    return arr, checked_maxima(flat, name)
+
+
+def checked_maxima(
+    flat: np.ndarray, name: str = "maps", whole: np.ndarray | None = None
+) -> np.ndarray:
+    """Each row's maximum of float maps ``(n, H W)`` (C-contiguous), checked in the same
+    pass (see :func:`validated_maps`). When the check fails, the exact check runs on
+    ``whole`` (default: ``flat``; the batch ``flat`` is a chunk of, so that the error reports
+    the batch's minimum and maximum) and raises, or accepts ``-0.0`` values."""
+    if flat.shape[0] == 0:
+        return np.zeros(0, dtype=flat.dtype)
+    bits = flat.view(_UINT_OF[flat.dtype]).max(axis=1)
+    if bits.max() <= _ONE_BITS[flat.dtype]:
+        return bits.view(flat.dtype)
+    if whole is not None and whole is not flat:
+        _exact_check(whole, name)
+    return _exact_check(flat, name)
 
 
 def contour_values(maps: object, name: str = "maps") -> np.ndarray:
@@ -232,12 +277,13 @@ def _cuts(peaks: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return (thresholds[None, :] * peaks[:, None].astype(np.float64)).astype(np.int64)
 
 
-def _peaks(values: np.ndarray, maxima: np.ndarray | None = None) -> np.ndarray:
-    """``max q`` per map ``(N,)`` of maps ``(N, H, W)`` (uint8 or float in ``[0, 1]``), from
-    the maps' maxima when they are known."""
-    top = values.reshape(values.shape[0], -1).max(axis=1) if maxima is None else maxima
-    if values.dtype == np.uint8:
-        return np.asarray(top).astype(np.int64)
+def _peaks(flat: np.ndarray, maxima: np.ndarray | None, name: str, whole: np.ndarray) -> np.ndarray:
+    """``max q`` per map ``(n,)`` of maps ``(n, H W)`` (uint8, or float in ``[0, 1]``: taken
+    from ``maxima`` when known, else :func:`checked_maxima`, which checks the chunk ``flat``
+    of the batch ``whole`` in the same pass)."""
+    if flat.dtype == np.uint8:
+        return flat.max(axis=1).astype(np.int64)
+    top = checked_maxima(flat, name, whole) if maxima is None else maxima
     return quantize_maps(top).astype(np.int64)
 
 
@@ -247,16 +293,15 @@ def _quantized(values: np.ndarray) -> np.ndarray:
     return t.to(torch.uint8).numpy()
 
 
-def _binaries(values: np.ndarray, cuts: np.ndarray) -> np.ndarray:
-    """``q > cut`` for maps ``(n, H, W)`` (``uint8`` ``q`` or float ``m``) at their cuts
-    ``(n, T)``, as ``uint8`` 0 / 1 images ``(n, T, H, W)`` (one vectorised comparison)."""
-    if values.dtype == np.uint8:
-        return (values[:, None] > cuts[:, :, None, None]).view(np.uint8)
-    edges = quantization_edges(values.dtype)[cuts + 1]
-    return (values[:, None] >= edges[:, :, None, None]).view(np.uint8)
-
-
-# --------------------------------------------------------------------------- sweeps
+def _binaries(flat: np.ndarray, cuts: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``q > cut`` for float maps ``(n, H W)`` at their cuts ``(n, T)``, as ``uint8`` 0 / 1
+    images ``(n, T, H W)``: one vectorised comparison ``m >= e[cut + 1]`` of the floats,
+    written into ``out`` (a bool buffer of at least ``n T H W`` elements) when given."""
+    edges = quantization_edges(flat.dtype)[cuts + 1]
+    shape = (flat.shape[0], cuts.shape[1], flat.shape[1])
+    target = None if out is None else out[: int(np.prod(shape))].reshape(shape)
+    result = np.greater_equal(flat[:, None, :], edges[:, :, None], out=target)
+    return result.view(np.uint8)
 
 
 class ContourSweep(NamedTuple):
@@ -323,35 +368,47 @@ def _boxes_of_contours(
     return ContourSweep(boxes=boxes, counts=counts, largest=largest)
 
 
-def _find_contours(values: np.ndarray, cuts: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Contours of every map (``(N, H, W)``) at every cut (``(N, T)``), grouped per
+def _find_contours(
+    values: np.ndarray, thresholds: np.ndarray, maxima: np.ndarray | None, name: str
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Contours of every map (``(N, H, W)``) at every threshold (``(T,)``), grouped per
     (map, threshold) in row-major order: the contour list and ``(N * T,)`` counts.
 
-    With few thresholds a float map is binarized by comparing floats (one vectorised pass
-    for a chunk of maps); with many, or for ``uint8`` maps, each map is quantized once and
-    binarized per threshold by ``cv2.threshold`` (Choe et al.'s own call). Chunks hold at
-    most ``_BINARY_BYTES`` of binary images (or of float64 maps being quantized)."""
+    The maps go chunk by chunk, each chunk read from memory once and then worked on in the
+    cache: its maxima (checked, :func:`_peaks`), its cuts, its binary images, their
+    contours. With few thresholds a float chunk is binarized by one comparison of the floats
+    (chunks of ``_CACHE_BYTES`` of maps and binary images); with many, or for ``uint8``
+    maps, each map is quantized once and binarized per threshold by ``cv2.threshold``
+    (Choe et al.'s own call; chunks of ``_BINARY_BYTES`` of float64 maps being quantized)."""
     import cv2
 
+    n, t_count = values.shape[0], len(thresholds)
+    shape = values.shape[1:]
+    flat = values.reshape(n, -1)
     found: list[np.ndarray] = []
-    counts = np.zeros(cuts.size, dtype=np.int64)
-    n, t_count = cuts.shape
-    per_map = values[0].size
+    counts = np.zeros(n * t_count, dtype=np.int64)
     as_uint8 = values.dtype == np.uint8 or t_count >= _QUANTIZE_FROM
-    per_step = max(1, _BINARY_BYTES // (per_map * (8 if as_uint8 else t_count)))
+    if as_uint8:
+        per_step = max(1, _BINARY_BYTES // (flat.shape[1] * 8))
+    else:
+        per_step = max(1, _CACHE_BYTES // (flat.shape[1] * (values.itemsize + t_count)))
+        # one buffer for every chunk's binary images: reused while it is still in the cache
+        buffer = np.empty(min(n, per_step) * t_count * flat.shape[1], dtype=np.bool_)
     g = 0
     for start in range(0, n, per_step):
-        part, part_cuts = values[start : start + per_step], cuts[start : start + per_step]
+        part = flat[start : start + per_step]
+        known = None if maxima is None else maxima[start : start + per_step]
+        part_cuts = _cuts(_peaks(part, known, name, flat), thresholds)
         images: Iterator[np.ndarray]
         if as_uint8:
             q = part if part.dtype == np.uint8 else _quantized(part)
             images = (
-                cv2.threshold(image, cut, 255, cv2.THRESH_BINARY)[1]
+                cv2.threshold(image.reshape(shape), cut, 255, cv2.THRESH_BINARY)[1]
                 for image, row in zip(q, part_cuts.tolist())
                 for cut in row
             )
         else:
-            images = iter(_binaries(part, part_cuts).reshape(-1, *values.shape[1:]))
+            images = iter(_binaries(part, part_cuts, buffer).reshape(-1, *shape))
         for binary in images:
             # OpenCV 3 returns (image, contours, hierarchy), OpenCV >= 4 (contours, hierarchy).
             contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
@@ -362,16 +419,22 @@ def _find_contours(values: np.ndarray, cuts: np.ndarray) -> tuple[list[np.ndarra
 
 
 def contour_sweeps(
-    values: np.ndarray, thresholds: np.ndarray, *, maxima: np.ndarray | None = None
+    values: np.ndarray,
+    thresholds: np.ndarray,
+    *,
+    maxima: np.ndarray | None = None,
+    name: str = "maps",
 ) -> ContourSweep:
     """Every contour box of many maps at every threshold, in one flat result.
 
     Args:
         values: ``(N, H, W)``: ``uint8`` maps already quantized by :func:`quantize_maps`, or
-            float maps validated by :func:`contour_values` (binarized without quantizing,
-            with the same result).
+            float32 / float64 maps in ``[0, 1]`` (binarized without quantizing, with the
+            same result; checked chunk by chunk, as :func:`contour_values` does, unless
+            ``maxima`` is given).
         thresholds: ``(T,)`` fractions of each map's maximum in ``[0, 1]``.
         maxima: ``(N,)`` each map's maximum when already known (:func:`validated_maps`).
+        name: how the maps are called in error messages.
 
     Returns:
         :class:`ContourSweep` over the ``N * T`` (map, threshold) groups in row-major order:
@@ -382,7 +445,7 @@ def contour_sweeps(
     values = np.ascontiguousarray(values)
     if values.ndim != 3:
         raise CAMInputError(f"contour_sweeps needs maps (N, H, W); got {values.shape}.")
-    found, counts = _find_contours(values, _cuts(_peaks(values, maxima), thresholds))
+    found, counts = _find_contours(values, thresholds, maxima, name)
     return _boxes_of_contours(found, counts, values.shape[1], values.shape[2])
 
 
@@ -450,8 +513,8 @@ def contour_boxes(
        (clipped to the image).
     6. No contour at all gives the single box ``(0, 0, 0, 0)``.
 
-    All maps and thresholds are binarized and boxed in one pass (see the module notes);
-    OpenCV runs once per map and threshold, for ``findContours``.
+    The maps are checked, binarized and boxed chunk by chunk with vectorised steps (see the
+    module notes); OpenCV runs once per map and threshold, for ``findContours``.
 
     Args:
         maps: tensor or array ``(..., H, W)`` with values in ``[0, 1]``; leading dims are
@@ -463,14 +526,14 @@ def contour_boxes(
         One :class:`ContourBoxes` per map (``len == prod(leading dims)``, 1 for a single
         ``(H, W)`` map): ``boxes (n_total, 4)`` int64 with ``counts (T,)`` per threshold.
     """
-    arr, maxima = validated_maps(maps)
+    arr = _as_array(maps, "maps")
     thr = check_thresholds(thresholds)
     h, w = arr.shape[-2:]
     flat = arr.reshape(-1, h, w)
     n, t_count = flat.shape[0], len(thr)
     if n == 0:
         return []
-    sweep = contour_sweeps(flat, thr, maxima=maxima)
+    sweep = contour_sweeps(flat, thr)  # checks the maps chunk by chunk as it boxes them
     if not multi_contour:
         boxes = sweep.boxes[sweep.largest].reshape(n, t_count, 4)
         ones = np.ones(t_count, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""CAM in any mmengine run: a hook, a localization metric and the cluttered-digits data set.
+"""CAM in any mmengine run: a hook, localization and faithfulness metrics, a data set.
 
 Three lines in a config add class activation maps and WSOL scores to every validation::
 
@@ -21,6 +21,10 @@ Importing this module registers, in mmengine's **root** registries (so they buil
 * :class:`CAMLocalizationMetric` (``METRICS``): MaxBoxAcc, MaxBoxAccV2, GT-known Loc and
   Top-1 Loc (Choe et al., CVPR 2020) from the ``cam_maps`` and the ground-truth boxes of the
   samples, with per-sample records so that a distributed sampler's padding is not counted.
+* :class:`CAMFaithfulnessMetric` (``METRICS``): deletion / insertion AUC (RISE) of the
+  ``cam_maps`` by :class:`cam_plugin.evaluate.DeletionInsertion`; the hook binds the runner's
+  model to it for each val / test epoch, and it runs ``2 ceil(H W / step)`` extra forwards of
+  perturbed images per map (the documented cost).
 * :class:`ClutteredDigitsDataset` (``DATASETS``): :class:`cam_plugin.data.ClutteredDigits`
   as an mmengine ``BaseDataset`` producing mmpretrain-style samples (``img`` HWC uint8,
   ``gt_label``, ``gt_bboxes``), ready for mmpretrain's ``PackInputs``.
@@ -43,6 +47,7 @@ from __future__ import annotations
 from mmengine.registry import DATASETS, HOOKS, METRICS
 
 from .mm.datasets import ClutteredDigitsBase, ClutteredDigitsDataset
+from .mm.faith_metric import CAMFaithfulnessMetric
 from .mm.geometry import cam_maps_to_image
 from .mm.loc_metric import CAMLocalizationMetric
 from .mm.samples import BOX_KEYS, BOX_LABEL_KEYS, find_boxes
@@ -51,6 +56,7 @@ from .mm.vis_hook import CAMVisualizationHook
 __all__ = [
     "BOX_KEYS",
     "BOX_LABEL_KEYS",
+    "CAMFaithfulnessMetric",
     "CAMLocalizationMetric",
     "CAMVisualizationHook",
     "ClutteredDigitsBase",
@@ -61,4 +67,5 @@ __all__ = [
 
 HOOKS.register_module(module=CAMVisualizationHook)
 METRICS.register_module(module=CAMLocalizationMetric)
+METRICS.register_module(module=CAMFaithfulnessMetric)
 DATASETS.register_module(module=ClutteredDigitsDataset)

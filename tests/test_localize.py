@@ -305,6 +305,30 @@ def test_contour_boxes_match_per_contour_opencv_calls() -> None:
                 assert boxes.tolist() == _literal_contour_boxes(m, t, multi), (multi, t)
 
 
+def test_contour_boxes_chunked_checks_equal_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Maps checked and boxed chunk by chunk give the boxes of the literal steps; ``-0.0``
+    is accepted (the bit-pattern check falls back to the exact one) and a bad value in a
+    later chunk names the whole batch's minimum and maximum."""
+    import cam_plugin.wsol_contours as wc
+
+    monkeypatch.setattr(wc, "_CACHE_BYTES", 3 * 33 * 41 * 5)  # three float32 maps per chunk
+    maps = _blobby(10, 33, 41, seed=11, k=5).numpy()
+    maps[4, :3, :3] = -0.0
+    for dtype in (np.float32, np.float64):
+        for multi in (False, True):
+            for thr in (0.2, 0.6):
+                results = contour_boxes(maps.astype(dtype), thr, multi_contour=multi)
+                for m, res in zip(maps.astype(np.float64), results):
+                    assert res.boxes.tolist() == _literal_contour_boxes(m, thr, multi)
+    bad = maps.copy()
+    bad[8, 0, 0] = 1.25
+    with pytest.raises(CAMInputError, match=r"min=-0, max=1.25"):
+        contour_boxes(bad, 0.2)
+    bad[8, 0, 0] = np.nan
+    with pytest.raises(CAMInputError, match="NaN"):
+        contour_boxes(torch.from_numpy(bad), 0.2)
+
+
 # ----------------------------------------------------------------------------- backends
 
 

@@ -4,7 +4,8 @@ Nothing is registered by importing this package or any module in it: the classes
 plain classes. The registration modules do that, each for its own face:
 
 * ``cam_plugin.integrations.mmengine`` registers :class:`~.vis_hook.CAMVisualizationHook`
-  (``HOOKS``), :class:`~.loc_metric.CAMLocalizationMetric` (``METRICS``) and
+  (``HOOKS``), :class:`~.loc_metric.CAMLocalizationMetric` and
+  :class:`~.faith_metric.CAMFaithfulnessMetric` (``METRICS``) and
   :class:`~.datasets.ClutteredDigitsDataset` (``DATASETS``);
 * ``cam_plugin.integrations.mmdet`` registers :class:`~.probe_hook.CAMProbeHook`,
   :class:`~.datasets.ClutteredDigitsDetection` and the mmdet adapter;
@@ -21,7 +22,8 @@ Modules:
 * ``geometry``: feature maps over the padded batch -> the image (crop, un-flip, resize),
   the valid-cell mask, box conventions;
 * ``sample_maps``: one predict forward's capture -> the ``cam_maps`` of its samples;
-* ``vis_hook`` / ``loc_metric``: the hook and the metric of mmengine runs;
+* ``vis_hook`` / ``loc_metric`` / ``faith_metric``: the hook and the metrics of mmengine runs
+  (the hook binds the model to the faithfulness metric for its perturbed forwards);
 * ``probe_model``, ``probe_options``, ``probe_setup``, ``probe_capture``, ``probe_eval``,
   ``probe_pictures``, ``probe_storage``, ``probe_hook``: the CAM probe trained inside an
   mmdet run (the hook decides when; each other module is one part of what it does);

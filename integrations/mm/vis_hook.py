@@ -4,7 +4,9 @@
 test epoch, turns each predict forward's capture into the ``cam_maps`` of its samples
 (:func:`.sample_maps.attach_cam_maps`; the field's contract is in :mod:`.samples`) and, every
 ``interval`` iterations, hands the pictures to the runner's visualizer. The pictures are
-drawn by :func:`cam_plugin.viz.annotated_overlay`. A plain class here;
+drawn by :func:`cam_plugin.viz.annotated_overlay`. For the epoch it also binds the runner's
+(unwrapped) model to the evaluator's :class:`~.faith_metric.CAMFaithfulnessMetric` (which
+runs the perturbed images) and unbinds it when the epoch ends. A plain class here;
 ``cam_plugin.integrations.mmengine`` registers it in mmengine's root ``HOOKS``.
 """
 
@@ -36,6 +38,7 @@ from cam_plugin.tracing import placement_of
 from cam_plugin.viz import annotated_overlay, to_uint8_image
 
 from .common import WarnOnce, check_colormap, check_fraction, check_int, reject_unknown, unwrap
+from .faith_metric import CAMFaithfulnessMetric, bind_faithfulness_metrics
 from .geometry import boxes_to_frame, cam_maps_to_image
 from .loc_metric import CAMLocalizationMetric
 from .sample_maps import attach_cam_maps, placed_maps
@@ -201,6 +204,7 @@ class CAMVisualizationHook(Hook):
         self._folded: Optional[FoldedHead] = None
         self._handles: list[RemovableHandle] = []
         self._captures: list[FeatureCapture] = []
+        self._bound: list[CAMFaithfulnessMetric] = []
         self._finalizer = weakref.finalize(self, _remove_installed, self._handles, self._captures)
         self._drawn = 0
         self._draw_failed = False
@@ -213,8 +217,11 @@ class CAMVisualizationHook(Hook):
         return bool(self._handles or self._captures)
 
     def remove(self) -> None:
-        """Remove every forward hook this object installed (idempotent)."""
+        """Remove every forward hook installed, unbind the metrics bound (idempotent)."""
         _remove_installed(self._handles, self._captures)
+        for metric in self._bound:
+            metric.unbind_model()
+        self._bound.clear()
 
     def _disable(self, reason: str) -> None:
         if self.disabled_reason is None:
@@ -249,19 +256,19 @@ class CAMVisualizationHook(Hook):
         self.remove()
 
     def before_val_epoch(self, runner: Any) -> None:
-        """Install the capture for the validation epoch."""
-        self._start(runner)
+        """Install the capture; bind the model to the evaluator's faithfulness metrics."""
+        self._start(runner, getattr(runner.val_loop, "evaluator", None))
 
     def before_test_epoch(self, runner: Any) -> None:
-        """Install the capture for the test epoch."""
-        self._start(runner)
+        """Install the capture; bind the model to the evaluator's faithfulness metrics."""
+        self._start(runner, getattr(runner.test_loop, "evaluator", None))
 
     def after_val_epoch(self, runner: Any, metrics: Optional[dict[str, float]] = None) -> None:
-        """Remove the capture."""
+        """Remove the capture; unbind the model from the metrics."""
         self.remove()
 
     def after_test_epoch(self, runner: Any, metrics: Optional[dict[str, float]] = None) -> None:
-        """Remove the capture."""
+        """Remove the capture; unbind the model from the metrics."""
         self.remove()
 
     def after_val_iter(
@@ -296,10 +303,11 @@ class CAMVisualizationHook(Hook):
             self._model_ref = weakref.ref(model)
         return self._adapter
 
-    def _start(self, runner: Any) -> None:
+    def _start(self, runner: Any, evaluator: Any = None) -> None:
         self.remove()
         self._drawn = 0
         model = unwrap(runner.model)
+        self._bound.extend(bind_faithfulness_metrics(evaluator, model))
         if self.disabled_reason is None:
             try:
                 adapter = self.resolve_adapter(model)
