@@ -92,10 +92,11 @@ bench-evaluate: $(VENV)/.test
 bench-wsol: $(VENV)/.test
 	$(BIN)/python benchmarks/wsol_digits.py
 
-# CAM next to Captum's attributions: figures, time, infidelity, sensitivity_max, MaxBoxAccV2;
-# writes docs/cam-vs-captum.md, the bridge table of docs/captum.md and docs/assets/captum/
+# the scoreboard: CAM vs grad-cam / Captum / baselines, every faithfulness and localization
+# metric and time per image; writes docs/cam-vs-others.md, the figures of docs/cam-vs-captum.md,
+# the bridge table of docs/captum.md and benchmarks/results/compare.json
 compare: $(VENV)/.test
-	$(BIN)/python benchmarks/compare_captum.py
+	$(BIN)/python -m benchmarks.compare
 
 wheel: $(VENV)/.test
 	$(BIN)/python -m build --wheel --outdir dist .
