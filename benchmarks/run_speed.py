@@ -377,6 +377,18 @@ def report(
         lines.append(
             f"| {label} | {n} | {bare:.1f} | {rate:.1f} | {rate / bare:.2f} | {wall:.1f} |"
         )
+    lite_bare = next(bare for label, _, bare, *_ in rows if label == "EfficientNet-Lite0")
+    (n_small, _, rate_small), (n_large, _, rate_large) = rss
+    lines += [
+        "",
+        f"The runs of the memory table below are longer (EfficientNet-Lite0, same settings): "
+        f"{rate_small:.1f} img/s over {n_small:,} images ({rate_small / lite_bare:.2f}x the "
+        f"bare forward above) and {rate_large:.1f} img/s over {n_large:,} "
+        f"({rate_large / lite_bare:.2f}x). Each ratio divides rates measured in different "
+        "processes at different moments; the paired table below measures the forward and the "
+        "compute step side by side, batch by batch, and is the comparison to trust on a noisy "
+        "machine (there the same forward can differ by 20% from the bare-forward process).",
+    ]
     lines += [
         "",
         "The run's rate counts its processing loop (first batch to last shard "
