@@ -263,6 +263,42 @@ def _upsample(maps: Tensor, images: Tensor, model: Optional[nn.Module], adapter:
     return F.interpolate(maps, size=hw, mode="bilinear", align_corners=False)
 
 
+def _check_user_layer(
+    adapter: Adapter,
+    names: tuple[str, str],
+    kind: CaptureKind,
+    features: Tensor,
+    seen: dict[str, Optional[Tensor]],
+) -> None:
+    """The user's layer must give the very tensor the head pools (else: name the right one).
+
+    ``names``: the user's layer and the adapter's feature module, as the model names them;
+    ``seen``: what the user's layer gave as ``"input"`` / ``"output"`` in the forward."""
+    own = seen.get(kind)
+    if _same_tensor(own, features):
+        return
+    name, feature_name = names
+    right = f"the {adapter.capture} of '{feature_name}' (shape {tuple(features.shape)})"
+    fix = (
+        "pass layer=None"
+        if adapter.capture == "output"
+        else "pass layer=None (or that module with attribute_to_layer_input=True)"
+    )
+    other: CaptureKind = "input" if kind == "output" else "output"
+    if _same_tensor(seen.get(other), features):
+        flag = "True" if other == "input" else "False"
+        raise CAMInputError(
+            f"the {kind} of layer '{name}' is not the feature map but its {other} is: "
+            f"pass attribute_to_layer_input={flag}"
+        )
+    got = tuple(own.shape) if own is not None else "nothing (not called)"
+    raise UnsupportedHeadError(
+        f"layer '{name}' ({kind}: {got}) is not the feature layer of this model's CAM-exact "
+        f"head: the head average-pools {right}, and CAM is exact only there. {fix} (or "
+        f"layer=<that module>)"
+    )
+
+
 class ClassActivationMap(LayerAttribution):
     """Class Activation Mapping (Zhou et al., CVPR 2016) as a Captum layer attribution.
 
@@ -427,7 +463,7 @@ class ClassActivationMap(LayerAttribution):
         """One forward of ``forward_func``: the adapter (read from this forward on the first
         call), the captured feature map, the output, and where the user's layer is read.
         A layer given by the user is captured in the same forward and must hold the very
-        tensor the head pools (:meth:`_check_layer`)."""
+        tensor the head pools (:func:`_check_user_layer`)."""
         user_layer = None if self._layer_defaulted else self.layer
         capture = ForwardCapture(self.model, self._adapter) if self.model is not None else None
         if capture is None:  # an explicit adapter and a plain function
@@ -450,43 +486,9 @@ class ClassActivationMap(LayerAttribution):
             user_layer is adapter.feature_module and kind == adapter.capture
         )
         if not own_layer:
-            self._check_layer(kind, captured, seen)
+            names = (self._name_of(self.layer), self._name_of(adapter.feature_module))
+            _check_user_layer(adapter, names, kind, captured, seen)
         return adapter, captured, output
-
-    def _check_layer(
-        self,
-        kind: CaptureKind,
-        features: Tensor,
-        seen: dict[str, Optional[Tensor]],
-    ) -> None:
-        """The user's layer must give the very tensor the head pools (else: name the right one)."""
-        own = seen.get(kind)
-        if _same_tensor(own, features):
-            return
-        adapter = self.adapter
-        right = (
-            f"the {adapter.capture} of '{self._name_of(adapter.feature_module)}' "
-            f"(shape {tuple(features.shape)})"
-        )
-        fix = (
-            "pass layer=None"
-            if adapter.capture == "output"
-            else "pass layer=None (or that module with attribute_to_layer_input=True)"
-        )
-        other: CaptureKind = "input" if kind == "output" else "output"
-        name = self._name_of(self.layer)
-        if _same_tensor(seen.get(other), features):
-            flag = "True" if other == "input" else "False"
-            raise CAMInputError(
-                f"the {kind} of layer '{name}' is not the feature map but its {other} is: "
-                f"pass attribute_to_layer_input={flag}"
-            )
-        got = tuple(own.shape) if own is not None else "nothing (not called)"
-        raise UnsupportedHeadError(
-            f"layer '{name}' ({kind}: {got}) is not the feature layer of this model's CAM-exact "
-            f"head: the head average-pools {right}, and CAM is exact only there. {fix} (or "
-            f"layer=<that module>)"
-        )
 
     # -- the attribution -------------------------------------------------------------------
     def attribute(
@@ -538,43 +540,58 @@ class ClassActivationMap(LayerAttribution):
             # checks, so the model itself is read once on these inputs
             self._set_adapter(resolve(self.model, example=images))
         with torch.no_grad():
-            adapter, captured, output = self._one_forward(images, extra, attribute_to_layer_input)
-            batch = int(images.shape[0])
-            if captured.shape[0] != batch:
-                raise CAMInputError(
-                    f"the feature map has {captured.shape[0]} examples for a batch of {batch}: "
-                    "the forward split the batch (DataParallel inside forward_func?). Pass the "
-                    "underlying model as forward_func"
-                )
-            hw = (int(images.shape[-2]), int(images.shape[-1]))
-            others: list[Optional[Tensor]] = []
-
-            def select(logits: Tensor) -> Tensor:
-                classes, other = target_pairs(target, logits)
-                if contrast is not None:
-                    if other is not None:
-                        raise CAMInputError("give contrast pairs in target or contrast=, not both")
-                    other = contrast_classes(contrast, logits, classes[:, None])[:, 0]
-                others.append(other)
-                return classes[:, None]
-
-            step = adapter.maps_from_capture(
-                captured,
-                _logits_source(output, batch, adapter, self._forward_is_model),
-                input_hw=hw,
-                select=select,
-                verify=self.verify and self._forward_is_model,
+            maps, adapter = self._target_maps(
+                images, extra, target, contrast, attribute_to_layer_input
             )
-            maps = step.maps
-            if others and others[-1] is not None:
-                other_maps = step.head.maps(step.features, others[-1][:, None])
-                maps = maps - other_maps.to(maps.dtype)
             if upsample:
                 maps = _upsample(maps, images, self.model, adapter)
             if relu_attributions:
                 maps = torch.relu(maps)
         # Captum's convention: a tuple of inputs gives a tuple of attributions
         return (maps,) if isinstance(inputs, tuple) else maps
+
+    def _target_maps(
+        self,
+        images: Tensor,
+        extra: tuple[Any, ...],
+        target: CaptumTarget,
+        contrast: Contrast,
+        to_layer_input: bool,
+    ) -> tuple[Tensor, Adapter]:
+        """``(N, 1, h, w)`` maps of the targets (contrasted when asked) from one forward
+        through the core step (:meth:`cam_plugin.adapter.Adapter.maps_from_capture`)."""
+        adapter, captured, output = self._one_forward(images, extra, to_layer_input)
+        batch = int(images.shape[0])
+        if captured.shape[0] != batch:
+            raise CAMInputError(
+                f"the feature map has {captured.shape[0]} examples for a batch of {batch}: "
+                "the forward split the batch (DataParallel inside forward_func?). Pass the "
+                "underlying model as forward_func"
+            )
+        hw = (int(images.shape[-2]), int(images.shape[-1]))
+        others: list[Optional[Tensor]] = []
+
+        def select(logits: Tensor) -> Tensor:
+            classes, other = target_pairs(target, logits)
+            if contrast is not None:
+                if other is not None:
+                    raise CAMInputError("give contrast pairs in target or contrast=, not both")
+                other = contrast_classes(contrast, logits, classes[:, None])[:, 0]
+            others.append(other)
+            return classes[:, None]
+
+        step = adapter.maps_from_capture(
+            captured,
+            _logits_source(output, batch, adapter, self._forward_is_model),
+            input_hw=hw,
+            select=select,
+            verify=self.verify and self._forward_is_model,
+        )
+        maps = step.maps
+        if others and others[-1] is not None:
+            other_maps = step.head.maps(step.features, others[-1][:, None])
+            maps = maps - other_maps.to(maps.dtype)
+        return maps, adapter
 
     def __repr__(self) -> str:
         name = self._adapter.name if self._adapter is not None else "unresolved"
