@@ -58,7 +58,7 @@ class Config:
     sens_photos: int = 1
     # cluttered digits
     digits: bool = True
-    digits_recipe: str = "quick"
+    digits_recipe: str = "full"
     digits_steps: int = 0
     digits_train: int = 0
     digits_test: int = 50
