@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -28,16 +29,20 @@ from benchmarks.compare.report import digit_columns, photo_columns  # noqa: E402
 UNDEFINED_OK = {"completeness", "random_first", "random_last"}
 
 
-def _check_rows(rows: dict[str, dict[str, float]], methods: list[str], keys: list[str]) -> None:
+def _check_rows(
+    rows: dict[str, dict[str, Optional[float]]], methods: list[str], keys: list[str]
+) -> None:
+    """Every metric of every method is a finite number, or ``null`` (strict JSON) where it is
+    undefined."""
     assert list(rows) == methods
     for name, row in rows.items():
         for key in keys:
             assert key in row, (name, key)
             value = row[key]
             if key == "completeness" and name != "CAM":
-                assert math.isnan(value)
+                assert value is None
             elif key not in UNDEFINED_OK or name in ("CAM", "LayerGradCam", "brightness"):
-                assert math.isfinite(value), (name, key, value)
+                assert value is not None and math.isfinite(value), (name, key, value)
 
 
 def test_quick_scoreboard(tmp_path: Path) -> None:
@@ -45,7 +50,9 @@ def test_quick_scoreboard(tmp_path: Path) -> None:
     command += ["--digits-checkpoint", str(tmp_path / "digits.pt")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "compare.json").read_text())
+    text = (tmp_path / "compare.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    report = json.loads(text)
     photo_methods = [m for m in METHODS if m not in QUICK.photo_skip]
     _check_rows(report["photos"]["rows"], photo_methods, [c.key for c in photo_columns()])
     assert math.isfinite(report["photos"]["rows"]["CAM"]["completeness"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -87,10 +88,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         "command": ("python -m benchmarks.compare " + args).strip(),
         "seconds": time.perf_counter() - t0,
     }
-    text = json.dumps(result, indent=1, default=float, allow_nan=True)
+    text = json.dumps(strict_json(result), indent=1, default=float, allow_nan=False)
     (out_dir / "compare.json").write_text(text)
     if cfg.json_out:
         (ROOT / cfg.json_out).write_text(text)
     report.write(result, cfg, out_dir)
     print(f"total {result['meta']['seconds']:.0f} s; outputs in {out_dir}")
     return 0
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (an undefined score) as ``None``, so that the
+    file is strict JSON (``null``), readable by any parser."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        return strict_json(value.item())
+    return value
