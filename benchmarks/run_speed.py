@@ -430,7 +430,10 @@ def report(
         "Both are opt-in: the compute step (as above) with the model and images in channels_last "
         "memory format, and with the hook-free forward through `torch.compile` (inductor; the "
         "compilation is paid once per batch size, in the last column, so it pays off only on "
-        "runs of thousands of images). The maps equal the plain run's "
+        "runs of thousands of images; inductor keeps compiled kernels in an on-disk cache, so a "
+        "repeated compile on the same machine is much shorter than the first, which took "
+        "100-130 s for these models on this 2-core machine under load). The maps equal the "
+        "plain run's "
         "(`tests/test_run.py::test_compile_and_channels_last_give_the_plain_runs_maps`).",
         "",
         options_table,
