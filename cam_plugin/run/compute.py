@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..errors import CAMInputError
 from ..placement import Placement, place_maps
 from ..result import minmax_normalize
+from ..units import unit_maps as units_of
 
 __all__ = ["TARGET_MODES", "BatchMaps", "MapComputer", "Targets", "parse_targets_option"]
 
@@ -72,6 +73,8 @@ class BatchMaps:
         maps: ``(B, k, h, w)`` float32 at feature resolution.
         box_classes, box_probs: ``(B, kb)`` class and probability of every box.
         boxes: ``(B, kb, 4)`` int64 inclusive ``(x0, y0, x1, y1)`` on the model's input.
+        unit_maps: ``(B, K', h, w)`` float32 unit maps ``u_k`` of the same forward
+            (:func:`cam_plugin.units.unit_maps`) when the computer keeps them, else ``None``.
     """
 
     top_classes: Tensor
@@ -82,6 +85,7 @@ class BatchMaps:
     box_classes: Tensor
     box_probs: Tensor
     boxes: Tensor
+    unit_maps: Optional[Tensor] = None
 
 
 class MapComputer:
@@ -98,6 +102,8 @@ class MapComputer:
             hook-free :class:`~cam_plugin.export.CAMModule` path compiles without graph
             breaks; the first batch, and the first of each new batch size, pays the
             compilation: worth it for long runs only, see ``docs/benchmarks-run.md``).
+        unit_maps: also return every batch's unit maps (``BatchMaps.unit_maps``; for
+            ``--units``, :mod:`cam_plugin.run.units`).
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class MapComputer:
         threshold: float,
         gt_width: int = 1,
         compile: bool = False,
+        unit_maps: bool = False,
     ) -> None:
         from ..export import CAMModule
 
@@ -125,6 +132,7 @@ class MapComputer:
         self.map_size = (int(features.shape[-2]), int(features.shape[-1]))
         self.input_hw = (int(example.shape[-2]), int(example.shape[-1]))
         self.targets, self.threshold, self.gt_width = targets, threshold, max(1, gt_width)
+        self.keep_unit_maps = unit_maps
         self.topk = min(topk, self.num_classes)
         self.num_top = min(max(topk, 5), self.num_classes)
         if isinstance(targets, tuple) and max(targets) >= self.num_classes:
@@ -207,6 +215,9 @@ class MapComputer:
             box_classes = top.indices[:, : self.topk] if self.targets == "all" else classes
             box_maps = maps if self.targets != "all" else self.head.maps(features, box_classes)
             boxes = self.boxes(box_maps.float())
+            units = None
+            if self.keep_unit_maps:
+                units = units_of(self.head, features).float().cpu().clone()
             return BatchMaps(
                 top_classes=top.indices.cpu(),
                 top_logits=top.values.cpu(),
@@ -216,6 +227,7 @@ class MapComputer:
                 box_classes=box_classes.cpu(),
                 box_probs=probs.gather(1, box_classes.clamp_min(0)).cpu(),
                 boxes=boxes.cpu(),
+                unit_maps=units,
             )
 
     def boxes(self, maps: Tensor) -> Tensor:

@@ -229,6 +229,7 @@ class RunContext:
                 threshold=o.threshold,
                 gt_width=self.gt_width,
                 compile=o.compile,
+                unit_maps=self.units is not None,
             )
             if self.data.kind != "dataset":
                 self.computer.check_labels([i.labels for i in self.data.items])
@@ -317,7 +318,7 @@ class RunContext:
         images = images.to(self.device, memory_format=self.memory_format)
         res = self.computer(images, [tuple(s["labels"]) for s in good])
         if self.units is not None:
-            self.units.add(buffer.shard, [s["index"] for s in good])
+            self.units.add(buffer.shard, [s["index"] for s in good], res.unit_maps)
         for i, s in enumerate(good):
             buffer.add_image(s, res, i, self.overlay_names.get(s["index"]))
 

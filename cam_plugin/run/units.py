@@ -18,15 +18,16 @@ cells around the cell's traced centre, mapped through the preprocessing's resize
       index.json              classes -> units (weight) -> patches, with boxes and images
       patches.parquet         the same, one row per (class, unit, patch)
 
-The features reach this module through :meth:`RunUnits.attach`, which wraps the map
-computer's ``forward`` (features and logits; one forward serves the maps and the units).
+The unit maps come from the same forward as the class maps: a
+:class:`~cam_plugin.run.compute.MapComputer` built with ``unit_maps=True`` returns them with
+each batch (``BatchMaps.unit_maps``), and :meth:`RunUnits.add` takes them.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from ..errors import CAMInputError
 from ..unit_patches import UnitPatchCollector, box_to_original, crop_picture
-from ..units import class_units, unit_maps
+from ..units import class_units
 from .shards import atomic_write_bytes, atomic_write_text, shard_dir
 
 __all__ = [
@@ -98,7 +99,6 @@ class RunUnits:
     ) -> None:
         self.per_unit, self.span, self.classes = per_unit, span, classes
         self.collectors: dict[int, UnitPatchCollector] = {}
-        self.pending: Optional[Tensor] = None
         self.computer: Any = None
 
     @classmethod
@@ -111,27 +111,22 @@ class RunUnits:
         )
 
     def attach(self, computer: Any) -> None:
-        """Keep the unit maps of every batch ``computer`` (a
-        :class:`~cam_plugin.run.compute.MapComputer`) computes (once per computer)."""
+        """Use ``computer`` (a :class:`~cam_plugin.run.compute.MapComputer` built with
+        ``unit_maps=True``): its classes are checked and its placement and input size give the
+        patches' geometry."""
         if self.computer is computer:
             return
         _check_classes(self.classes or (), computer.num_classes)
         self.computer = computer
-        head = computer.head
-        inner: Callable[[Tensor], tuple[Tensor, Tensor]] = computer.forward
 
-        def features_and_logits(images: Tensor) -> tuple[Tensor, Tensor]:
-            features, logits = inner(images)
-            self.pending = unit_maps(head, features).float().cpu().clone()
-            return features, logits
-
-        computer.forward = features_and_logits
-
-    def add(self, shard: int, indices: Sequence[int]) -> None:
-        """The unit maps of the batch just computed belong to these data indices."""
-        maps, self.pending = self.pending, None
-        if maps is None:
-            raise CAMInputError("no unit maps for this batch: attach() the map computer first")
+    def add(self, shard: int, indices: Sequence[int], maps: Optional[Tensor]) -> None:
+        """The unit maps ``(B, K', h, w)`` of a batch (``BatchMaps.unit_maps``), for these
+        data indices."""
+        if maps is None or self.computer is None:
+            raise CAMInputError(
+                "no unit maps for this batch: build the MapComputer with unit_maps=True and "
+                "attach() it first"
+            )
         col = self.collectors.get(shard)
         if col is None:
             c = self.computer
